@@ -1,0 +1,33 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+HSORT  := $(VENV)/bin/hsort
+STAMP  := $(VENV)/.installed
+
+# On a machine without CUDA, take PyTorch's CPU build (never a multi-GB CUDA build).
+TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+
+.PHONY: setup demo test bench clean-demo
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+demo: setup
+	$(HSORT) synth demo/data --cases 60 --size 32 --perturbed 0.15 --seed 0
+	$(HSORT) fit demo/data --out demo/run --preset small --epochs 40 --max-minutes 9
+	@echo "demo results are in demo/run (latent_map.png, latents.csv, progress.png, log.csv)"
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(HSORT) bench
+
+clean-demo:
+	rm -rf demo

@@ -1,0 +1,3 @@
+from hypersort_core.cli.main import main
+
+main()

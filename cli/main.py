@@ -1,0 +1,164 @@
+"""`hsort`: parse, call the library, print.  Bad input is one line on stderr and exit code 2."""
+from __future__ import annotations
+
+import functools
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import click
+
+from hypersort_core import __version__
+
+BAD_INPUT_EXIT = 2
+INTERRUPTED_EXIT = 130
+
+
+def _bad_input_errors() -> tuple[type[Exception], ...]:
+    from hypersort_core.checkpoint import CheckpointError
+    from hypersort_core.config import ConfigError
+    from hypersort_core.data import DataError
+
+    return DataError, CheckpointError, ConfigError, FileNotFoundError
+
+
+def reports_bad_input(command):
+    """Turn the library's input errors into one clear line and exit code 2, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except _bad_input_errors() as error:
+            click.echo(f"hsort: error: {error}", err=True)
+            sys.exit(BAD_INPUT_EXIT)
+
+    return wrapper
+
+
+def _triple(kind: type):
+    """Parse '2' or '2,2,3' into a 3-tuple."""
+
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            parts = [kind(v) for v in value.split(",")]
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not a number or three comma-separated numbers") from None
+        if len(parts) not in (1, 3):
+            raise click.BadParameter(f"{value!r}: give one value or three")
+        return tuple(parts * 3 if len(parts) == 1 else parts)
+
+    return parse
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="hsort")
+def main() -> None:
+    """HyperSORT: map a 3D segmentation dataset, find its annotation styles and wrong labels."""
+
+
+@main.command()
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--cases", default=60, show_default=True, type=click.IntRange(min=1), help="Number of phantoms.")
+@click.option("--size", default=32, show_default=True, type=click.IntRange(min=16), help="Side of each volume in voxels (2 mm spacing).")
+@click.option("--perturbed", default=0.15, show_default=True, type=click.FloatRange(0, 1), help="Fraction of labels eroded or dilated.")
+@click.option("--seed", default=0, show_default=True)
+@reports_bad_input
+def synth(out: Path, cases: int, size: int, perturbed: float, seed: int) -> None:
+    """Write a synthetic nnU-Net dataset of CT-like phantoms with some labels eroded or dilated."""
+    from hypersort_core.data import make_synthetic_dataset
+
+    path = make_synthetic_dataset(out, cases=cases, size=size, perturbed=perturbed, seed=seed)
+    click.echo(f"wrote {cases} cases to {path} (ground truth of the perturbations: {path / 'perturbations.csv'})")
+
+
+@main.command()
+@click.argument("data", type=click.Path(exists=True, path_type=Path))
+@click.option("--out", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder.")
+@click.option("--preset", type=click.Choice(["paper", "small"]), default="paper", show_default=True, help="paper: the paper's UNet at 2 mm, ROI 168; small: CPU-sized.")
+@click.option("--layout", type=click.Choice(["auto", "nnunet", "msd", "totalsegmentator", "folders", "manifest"]), default=None, help="Dataset layout (default: detected).")
+@click.option("--label", default=None, help="Structures to learn: NAME|INT[,...] (default: all foreground as one class).")
+@click.option("--batch-size", type=int, default=None)
+@click.option("--epochs", type=int, default=None)
+@click.option("--max-minutes", type=float, default=None, help="Stop (with a checkpoint) after this much training time.")
+@click.option("--seed", type=int, default=None)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "tf32", "bf16"]), default=None, help="auto: bf16 autocast on CUDA, fp32 on CPU.")
+@click.option("--lr", type=float, default=None, help="Hyper-network learning rate.")
+@click.option("--latent-lr", type=float, default=None, help="Latent learning rate (Adam betas 0.7/0.9).")
+@click.option("--l1", type=float, default=None, help="Weight of the L1 penalty on the latents.")
+@click.option("--latent-dim", type=int, default=None)
+@click.option("--base-channels", type=int, default=None)
+@click.option("--levels", type=int, default=None, help="Downsampling stages.")
+@click.option("--convs-per-level", type=int, default=None)
+@click.option("--spacing", default=None, callback=_triple(float), help="Target spacing in mm: 2 or 2,2,3.")
+@click.option("--roi", default=None, callback=_triple(int), help="ROI in voxels: 168 or 160,160,96.")
+@click.option("--crop", type=click.Choice(["label", "image", "random"]), default=None, help="ROI centred on the label, the image, or random crops.")
+@click.option("--checkpoint-every", type=int, default=None, help="Epochs between checkpoints (one is always written at the end).")
+@click.option("--workers", type=int, default=None, help="DataLoader worker processes.")
+@click.option("--skip-bad", is_flag=True, default=None, help="Leave out bad cases instead of stopping.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@reports_bad_input
+def fit(data: Path, run_dir: Path, preset: str, resume: bool, quiet: bool, **options) -> None:
+    """Train HyperSORT on DATA and write the run folder --out."""
+    from hypersort_core.train import fit as fit_run
+
+    config = _resume_config(run_dir, options) if resume else _new_config(preset, options)
+    result = fit_run(data, run_dir, config, resume=resume, progress=not quiet)
+    _print_fit_summary(result, data)
+    if result.stopped == "interrupted":
+        sys.exit(INTERRUPTED_EXIT)
+
+
+ARCHITECTURE_OPTIONS = ("latent_dim", "base_channels", "levels", "convs_per_level")
+PREPROCESS_OPTIONS = ("spacing", "roi", "crop")
+RESUMABLE_OPTIONS = ("epochs", "max_minutes", "checkpoint_every", "device", "workers")
+
+
+def _new_config(preset: str, options: dict):
+    from hypersort_core.config import TrainConfig
+
+    architecture = {k: options.pop(k) for k in ARCHITECTURE_OPTIONS}
+    preprocess = {k: options.pop(k) for k in PREPROCESS_OPTIONS}
+    config = TrainConfig.from_preset(preset, **options)
+    return replace(
+        config,
+        model=replace(config.model, **{k: v for k, v in architecture.items() if v is not None}),
+        preprocess=replace(config.preprocess, **{k: v for k, v in preprocess.items() if v is not None}),
+    )
+
+
+def _resume_config(run_dir: Path, options: dict):
+    """A resumed run keeps its settings; only how long and where it runs may change."""
+    from hypersort_core.train import read_config
+
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{run_dir}: no config.json, so nothing to resume")
+    config, _ = read_config(run_dir)
+    return config.with_overrides(**{k: options[k] for k in RESUMABLE_OPTIONS})
+
+
+def _print_fit_summary(result, data: Path) -> None:
+    from hypersort_core.evaluate import PERTURBATIONS_NAME, perturbation_summary
+
+    run = result.run_dir
+    how = {None: "finished", "time budget": "stopped at the time budget", "interrupted": "interrupted"}[result.stopped]
+    click.echo(f"{how} after {result.epochs_done} epochs; run folder: {run}")
+    for name, what in [("latents.csv", "latents and scores"), ("latent_map.png", "latent map"), ("log.csv", "per-epoch log"), ("progress.png", "loss curves"), ("checkpoint.pt", "checkpoint (continue with --resume)")]:
+        click.echo(f"  {run / name}  ({what})")
+    for error in result.bad_cases:
+        click.echo(f"  skipped bad case: {error}")
+    truth = Path(data) / PERTURBATIONS_NAME
+    if truth.is_file() and (run / "latents.csv").is_file():
+        summary = perturbation_summary(run / "latents.csv", truth)
+        click.echo(
+            f"known perturbations ({summary.counts}): AUROC of latent norm {summary.auroc_norm:.3f}, "
+            f"of mean distance {summary.auroc_mean_dist:.3f}; eroded vs dilated direction cosine {summary.direction_cosine:+.2f} (negative = opposite sides)"
+        )
+
+
+if __name__ == "__main__":
+    main()

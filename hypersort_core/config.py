@@ -1,0 +1,95 @@
+"""Every setting of a HyperSORT run in one dataclass, and the presets that fill it.
+
+`config.json` in the run folder is `TrainConfig.to_dict()` plus the package
+version and the case list, so a run can be understood and resumed from disk.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+from hypersort_core.data import PreprocessConfig
+from hypersort_core.model import ModelConfig
+
+class ConfigError(ValueError):
+    """A setting that cannot work (unknown preset, missing device, impossible ROI)."""
+
+
+PRESETS: dict[str, dict] = {
+    # The paper: 3 levels, 16 channels, 3 convs per level, 2 mm, ROI 168^3; Adam 1e-4 as in its Section 4.
+    "paper": {
+        "model": ModelConfig(),
+        "preprocess": PreprocessConfig(spacing=(2.0, 2.0, 2.0), roi=(168, 168, 168)),
+        "batch_size": 2,
+        "epochs": 500,
+        "lr": 1e-4,
+        "latent_lr": 1e-3,
+    },
+    # CPU-sized: what a 2-core laptop trains in minutes (see docs in README: 8 channels, 2 levels, 2 convs).
+    "small": {
+        "model": ModelConfig(levels=2, convs_per_level=2, base_channels=8),
+        "preprocess": PreprocessConfig(spacing=(2.0, 2.0, 2.0), roi=(32, 32, 32)),
+        "batch_size": 4,
+        "epochs": 40,
+        "lr": 1e-3,
+        "latent_lr": 1e-2,
+    },
+}
+
+
+@dataclass
+class TrainConfig:
+    """What `hsort fit` does; defaults are the 'paper' preset's."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    preset: str = "paper"
+    layout: str = "auto"
+    label: str | None = None
+    batch_size: int = 2
+    epochs: int = 500
+    max_minutes: float | None = None
+    lr: float = 1e-4
+    latent_lr: float = 1e-3
+    latent_betas: tuple[float, float] = (0.7, 0.9)
+    l1: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    checkpoint_every: int = 5
+    workers: int = 0
+    skip_bad: bool = False
+
+    @classmethod
+    def from_preset(cls, preset: str, **overrides) -> "TrainConfig":
+        """The preset's values, then every override that is not None."""
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return cls(preset=preset, **{**PRESETS[preset], **given})
+
+    def with_overrides(self, **overrides) -> "TrainConfig":
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def to_dict(self) -> dict:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["model"] = self.model.to_dict()
+        values["preprocess"] = self.preprocess.to_dict()
+        values["latent_betas"] = list(self.latent_betas)
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        values = dict(values)
+        values["model"] = ModelConfig.from_dict(values["model"])
+        values["preprocess"] = PreprocessConfig(**_tuples(values["preprocess"]))
+        values["latent_betas"] = tuple(values["latent_betas"])
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def _tuples(values: dict) -> dict:
+    """JSON turns tuples into lists; the dataclasses want tuples back."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+
+
+__all__ = ["PRESETS", "ConfigError", "TrainConfig"]

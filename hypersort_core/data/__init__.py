@@ -1,0 +1,27 @@
+"""The data pipeline: dataset readers, label selection, preprocessing with a cache, the training set
+and synthetic phantoms."""
+
+from .cache import PreparedCase, PreparedData, prepare_cases
+from .errors import DataError
+from .labels import LabelSelection, select_labels
+from .layouts import LAYOUTS, Case, Dataset, read_dataset
+from .preprocess import CROPS, PreprocessConfig
+from .synth import make_synthetic_dataset
+from .training_set import TrainingSet
+
+__all__ = [
+    "CROPS",
+    "LAYOUTS",
+    "Case",
+    "DataError",
+    "Dataset",
+    "LabelSelection",
+    "PreparedCase",
+    "PreparedData",
+    "PreprocessConfig",
+    "TrainingSet",
+    "make_synthetic_dataset",
+    "prepare_cases",
+    "read_dataset",
+    "select_labels",
+]

@@ -1,0 +1,166 @@
+"""Prepared cases on disk: each case is preprocessed once per setting and then memory-mapped.
+
+cache_dir/<hash of the settings>/ holds, per case, `{case_id}.{hash of its input files}` .npy
+arrays and a .json record written last, so an interrupted run resumes where it stopped and a
+changed input file (path, size or mtime) is prepared again on its own. Bad cases are recorded
+too, so that a later run reports them without reading their volumes again.
+"""
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from tqdm import tqdm
+
+from .errors import DataError
+from .labels import LabelSelection
+from .layouts import Case, Dataset
+from .preprocess import PreprocessConfig, preprocess
+from .volumes import case_files, read_case
+
+CACHE_FORMAT = 1  # bump when a change to preprocessing makes existing caches wrong
+
+
+@dataclass
+class PreparedCase:
+    """A preprocessed case and the geometry that maps it back onto its source image."""
+
+    case_id: str
+    image_file: Path  # float32 [X, Y, Z]
+    label_file: Path  # uint8 classes [X, Y, Z]
+    affine: np.ndarray  # voxel -> world (RAS mm) of the cached grid
+    original_shape: tuple[int, int, int]
+    original_affine: np.ndarray  # voxel -> world of the source image
+    foreground_file: Path | None = None  # flat indices of the foreground voxels, for random crops
+
+    def load_image(self) -> np.ndarray:
+        return np.load(self.image_file, mmap_mode="r")
+
+    def load_label(self) -> np.ndarray:
+        return np.load(self.label_file, mmap_mode="r")
+
+
+@dataclass
+class PreparedData:
+    """The prepared cases of a dataset, and the cases that were skipped as bad."""
+
+    cases: list[PreparedCase]
+    bad: list[DataError]  # only with skip_bad
+    cache_dir: Path  # the folder of these settings: the cache_dir argument / <hash>
+    config: PreprocessConfig
+
+
+def prepare_cases(
+    dataset: Dataset,
+    selection: LabelSelection,
+    config: PreprocessConfig,
+    cache_dir: Path,
+    skip_bad: bool = False,
+    progress: bool = True,
+) -> PreparedData:
+    """Preprocess every case, or reuse the cached result; bad cases raise, or are skipped with skip_bad."""
+    folder = Path(cache_dir) / settings_hash(dataset, selection, config)
+    folder.mkdir(parents=True, exist_ok=True)
+    prepared, bad = [], []
+    for case in tqdm(dataset.cases, desc="preparing cases", unit="case", disable=not progress):
+        try:
+            prepared.append(cached_case(case, dataset, selection, config, folder))
+        except DataError as error:
+            if not skip_bad:
+                raise
+            bad.append(error)
+    if not prepared:
+        raise DataError(dataset.root, f"no usable case left: all {len(bad)} cases are bad, e.g. {bad[0]}")
+    return PreparedData(prepared, bad, folder, config)
+
+
+def cached_case(
+    case: Case, dataset: Dataset, selection: LabelSelection, config: PreprocessConfig, folder: Path
+) -> PreparedCase:
+    inputs = [file_stamp(file) for file in case_files(case, selection)]
+    prefix = f"{case.case_id}.{digest(inputs)}"
+    record_file = folder / f"{prefix}.json"
+    if record_file.is_file():
+        record = json.loads(record_file.read_text())
+    else:
+        record = prepare_case(case, dataset, selection, config, folder, prefix)
+        write_atomically(record_file, lambda file: file.write(json.dumps(record).encode()))
+    if "problem" in record:
+        raise DataError(record["path"], record["problem"])
+    return PreparedCase(
+        case_id=record["case_id"],
+        image_file=folder / record["image_file"],
+        label_file=folder / record["label_file"],
+        affine=np.array(record["affine"]),
+        original_shape=tuple(record["original_shape"]),
+        original_affine=np.array(record["original_affine"]),
+        foreground_file=folder / record["foreground_file"] if record["foreground_file"] else None,
+    )
+
+
+def prepare_case(
+    case: Case, dataset: Dataset, selection: LabelSelection, config: PreprocessConfig, folder: Path, prefix: str
+) -> dict:
+    """Read, check and preprocess one case into the cache; returns its record (or its problem)."""
+    try:
+        volume = read_case(case, selection, dataset.declared_values)
+    except DataError as error:
+        return {"path": str(error.path), "problem": error.problem}
+    result = preprocess(volume, config)
+    files = {"image_file": f"{prefix}.image.npy", "label_file": f"{prefix}.label.npy", "foreground_file": None}
+    save_array(folder / files["image_file"], result.image)
+    save_array(folder / files["label_file"], result.label)
+    if config.crop == "random":
+        files["foreground_file"] = f"{prefix}.foreground.npy"
+        save_array(folder / files["foreground_file"], np.flatnonzero(result.label))
+    return {
+        "case_id": case.case_id,
+        **files,
+        "affine": result.affine.tolist(),
+        "original_shape": list(volume.image.shape),
+        "original_affine": volume.affine.tolist(),
+    }
+
+
+def settings_hash(dataset: Dataset, selection: LabelSelection, config: PreprocessConfig) -> str:
+    declared = dataset.declared_values
+    return digest({
+        "format": CACHE_FORMAT,
+        "config": config.to_dict(),
+        "selection": asdict(selection),
+        "declared_values": sorted(declared) if declared is not None else None,
+    })
+
+
+def file_stamp(path: Path) -> list:
+    """Path, size and modification time: a changed file gets a new cache entry without being read."""
+    try:
+        status = path.stat()
+    except OSError:
+        return [str(path), None, None]  # reading the case will report the problem
+    return [str(path), status.st_size, status.st_mtime_ns]
+
+
+def digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def save_array(path: Path, array: np.ndarray) -> None:
+    write_atomically(path, lambda file: np.save(file, array))
+
+
+def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write under a temporary name, then rename: readers never see a half-written file."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as file:
+            write(file)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise

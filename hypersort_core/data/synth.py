@@ -1,0 +1,154 @@
+"""A CPU-sized version of the paper's proof of concept: CT-like phantoms whose organ labels are
+clean for most cases and eroded or dilated for a few, as if from annotators with other habits.
+
+Each case's phantom comes from its own random stream, so the clean data of a seed does not depend
+on how many cases or how many perturbations are asked for.
+"""
+
+import csv
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from .errors import DataError
+
+AIR_HU = -1000.0
+SOFT_TISSUE_HU = 40.0
+NOISE_HU = 12.0
+VOXEL_MM = 2.0
+MIN_SIZE = 16  # smaller phantoms cannot keep an organ through erosion
+CONNECTIVITY_1 = ndimage.generate_binary_structure(3, 1)
+
+
+def make_synthetic_dataset(
+    out: Path, cases: int = 60, size: int = 32, perturbed: float = 0.15, seed: int = 0
+) -> Path:
+    """Write an nnU-Net raw dataset of `cases` phantoms of size³ voxels, and perturbations.csv.
+
+    `out` must be new or empty, so that no case of an earlier dataset mixes with these.
+    """
+    if cases < 1:
+        raise ValueError(f"cases must be at least 1, got {cases}")
+    if size < MIN_SIZE:
+        raise ValueError(f"size must be at least {MIN_SIZE}, got {size}")
+    if not 0 <= perturbed <= 1:
+        raise ValueError(f"perturbed must be a fraction in [0, 1], got {perturbed}")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(out, "already exists and is not an empty folder; choose a new one")
+    (out / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (out / "labelsTr").mkdir(parents=True, exist_ok=True)
+    plan_stream, *case_streams = np.random.SeedSequence(seed).spawn(cases + 1)
+    plan = perturbation_plan(cases, perturbed, np.random.default_rng(plan_stream))
+    rows = []
+    for index, ((kind, iterations), stream) in enumerate(zip(plan, case_streams)):
+        case_id = f"synth_{index:03d}"
+        rng = np.random.default_rng(stream)
+        image, organ = phantom(size, rng)
+        label, iterations = perturb(organ, kind, iterations)
+        affine = lps_affine(rng)
+        nib.save(nib.Nifti1Image(image, affine), out / "imagesTr" / f"{case_id}_0000.nii.gz")
+        nib.save(nib.Nifti1Image(label.astype(np.uint8), affine), out / "labelsTr" / f"{case_id}.nii.gz")
+        rows.append([case_id, kind, iterations, int(np.count_nonzero(label != organ))])
+    write_dataset_json(out, cases)
+    with open(out / "perturbations.csv", "w", newline="") as file:
+        csv.writer(file).writerows([["case", "kind", "iterations", "voxels_changed"], *rows])
+    return out
+
+
+def perturbation_plan(cases: int, perturbed: float, rng: np.random.Generator) -> list[tuple[str, int]]:
+    """(kind, iterations) per case: a `perturbed` share alternately eroded and dilated 1-3 times."""
+    plan = [("clean", 0)] * cases
+    chosen = np.sort(rng.choice(cases, size=round(perturbed * cases), replace=False))
+    for order, index in enumerate(chosen):
+        plan[index] = ("eroded" if order % 2 == 0 else "dilated", int(rng.integers(1, 4)))
+    return plan
+
+
+def phantom(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """An int16 CT-like image and its organ mask.
+
+    A soft-tissue body in air holds an irregular organ (an ellipsoid whose radius follows smooth
+    noise) with a smooth intensity gradient, and one or two unlabelled neighbours of similar
+    intensity that touch or nearly touch it.
+    """
+    grid = (np.indices((size,) * 3) + 0.5) / size - 0.5  # voxel centres, in fractions of the field of view
+    body = inside_ellipsoid(grid, np.zeros(3), np.array([0.46, 0.44, 0.48]) * rng.uniform(0.97, 1.0, 3))
+    organ_centre = rng.uniform(-0.04, 0.04, 3)
+    organ_radii = rng.uniform(0.2, 0.3, 3)
+    organ = inside_ellipsoid(grid, organ_centre, organ_radii, wobble=0.25 * smooth_noise(size, rng))
+    organ_hu = rng.uniform(60, 110)
+    image = np.where(body, SOFT_TISSUE_HU, AIR_HU)
+    for _ in range(rng.integers(1, 3)):
+        neighbour = neighbour_of(grid, organ_centre, organ_radii, rng) & body
+        image[neighbour] = organ_hu + rng.choice([-1, 1]) * rng.uniform(15, 35)
+    gradient = rng.uniform(10, 25) * np.tensordot(unit_vector(rng), grid, axes=1)
+    image[organ] = organ_hu + gradient[organ]
+    image += rng.normal(0, NOISE_HU, image.shape)
+    return np.round(image).astype(np.int16), organ
+
+
+def neighbour_of(grid: np.ndarray, organ_centre: np.ndarray, organ_radii: np.ndarray, rng: np.random.Generator):
+    """A ball beside the organ, its surface at most a few percent of the field of view away."""
+    direction = unit_vector(rng)
+    radius = rng.uniform(0.08, 0.13)
+    organ_extent = 1 / np.linalg.norm(direction / organ_radii)  # organ's radius along `direction`
+    centre = organ_centre + direction * (organ_extent + radius * rng.uniform(0.9, 1.3))
+    return inside_ellipsoid(grid, centre, np.full(3, radius))
+
+
+def inside_ellipsoid(grid: np.ndarray, centre: np.ndarray, radii: np.ndarray, wobble: float | np.ndarray = 0.0):
+    distance = np.sqrt(sum(((grid[axis] - centre[axis]) / radii[axis]) ** 2 for axis in range(3)))
+    return distance <= 1 + wobble
+
+
+def smooth_noise(size: int, rng: np.random.Generator) -> np.ndarray:
+    """Noise in [-1, 1] that varies over about a quarter of the field of view."""
+    return ndimage.zoom(rng.uniform(-1, 1, (4, 4, 4)), size / 4, order=1)
+
+
+def unit_vector(rng: np.random.Generator) -> np.ndarray:
+    vector = rng.normal(size=3)
+    return vector / np.linalg.norm(vector)
+
+
+def perturb(organ: np.ndarray, kind: str, iterations: int) -> tuple[np.ndarray, int]:
+    """The organ label after the planned perturbation, and the iterations actually applied."""
+    if kind == "dilated":
+        return ndimage.binary_dilation(organ, CONNECTIVITY_1, iterations), iterations
+    if kind == "eroded":
+        return erode_keeping_organ(organ, iterations)
+    return organ, 0
+
+
+def erode_keeping_organ(organ: np.ndarray, iterations: int) -> tuple[np.ndarray, int]:
+    """Erode up to `iterations` times, stopping early rather than erase the organ."""
+    label = organ
+    for done in range(iterations):
+        eroded = ndimage.binary_erosion(label, CONNECTIVITY_1)
+        if not eroded.any():
+            return label, done
+        label = eroded
+    return label, iterations
+
+
+def lps_affine(rng: np.random.Generator) -> np.ndarray:
+    """2 mm voxels, x and y flipped as in DICOM's LPS convention, and an off-centre origin."""
+    affine = np.diag([-VOXEL_MM, -VOXEL_MM, VOXEL_MM, 1.0])
+    affine[:3, 3] = np.array([120.0, 140.0, -350.0]) + rng.uniform(-5, 5, 3)
+    return affine
+
+
+def write_dataset_json(out: Path, cases: int) -> None:
+    meta = {
+        "name": "synthetic",
+        "description": "CT-like phantoms; see perturbations.csv for the perturbed labels",
+        "channel_names": {"0": "CT"},
+        "labels": {"background": 0, "organ": 1},
+        "numTraining": cases,
+        "file_ending": ".nii.gz",
+    }
+    (out / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -1,0 +1,151 @@
+"""Reading a case's volumes and validating them on the way, so that each file is read only once."""
+
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from .errors import DataError
+from .labels import LabelSelection
+from .layouts import Case
+
+AFFINE_TOLERANCE = 1e-3  # relative; also in voxel sizes where an affine entry is near zero
+SHOWN_VALUES = 10
+
+
+@dataclass
+class LabelledVolume:
+    """An image and its class map on one voxel grid; `affine` maps voxel indices to world mm."""
+
+    image: np.ndarray  # float32
+    label: np.ndarray  # uint8 classes 0..K
+    affine: np.ndarray
+
+
+def read_case(case: Case, selection: LabelSelection, declared_values: set[int] | None) -> LabelledVolume:
+    """The image and the selected classes of a case, after checking they are sound and aligned.
+
+    All headers are checked before any voxel data is read, so a misaligned or missing label
+    costs no decompression of the image.
+    """
+    image_nifti = open_nifti(case.image, f"image file is missing for case {case.case_id!r}")
+    shape = spatial_shape(image_nifti, case.image)
+    label_niftis = {
+        path: open_aligned_label(path, shape, image_nifti.affine, case.image) for path in label_files(case, selection)
+    }
+    image = read_finite_image(image_nifti, case.image)
+    if isinstance(case.label, dict):
+        classes = structure_classes(label_niftis, selection, shape)
+    else:
+        label_map = read_voxels(label_niftis[case.label], case.label)
+        check_label_values(label_map, declared_values, case.label)
+        classes = selection.classes_of(label_map)
+    return LabelledVolume(image, classes, image_nifti.affine)
+
+
+def read_finite_image(nifti: nib.spatialimages.SpatialImage, path: Path) -> np.ndarray:
+    image = read_voxels(nifti, path, np.float32)
+    non_finite = image.size - np.count_nonzero(np.isfinite(image))
+    if non_finite:
+        raise DataError(path, f"image holds {non_finite} NaN or infinite voxels")
+    return image
+
+
+def structure_classes(
+    masks: dict[Path, nib.spatialimages.SpatialImage], selection: LabelSelection, shape: tuple[int, ...]
+) -> np.ndarray:
+    """TotalSegmentator masks in selection order as classes 1..K, or their union as class 1."""
+    classes = np.zeros(shape, dtype=np.uint8)
+    for number, (path, nifti) in enumerate(masks.items(), start=1):
+        classes[read_voxels(nifti, path) != 0] = 1 if selection.is_binary else number
+    return classes
+
+
+def case_files(case: Case, selection: LabelSelection) -> list[Path]:
+    """The files `read_case` reads for this selection."""
+    return [case.image, *label_files(case, selection)]
+
+
+def label_files(case: Case, selection: LabelSelection) -> list[Path]:
+    """The label file, or for TotalSegmentator the selected masks (all of them for the binary selection)."""
+    if not isinstance(case.label, dict):
+        return [case.label]
+    structures = list(case.label) if selection.is_binary else selection.names
+    return [case.label[structure] for structure in structures]
+
+
+def open_aligned_label(
+    path: Path, shape: tuple[int, ...], affine: np.ndarray, image_path: Path
+) -> nib.spatialimages.SpatialImage:
+    """A label file, after checking from its header that it lies on the image's grid."""
+    nifti = open_nifti(path, f"label file is missing for image {image_path}")
+    label_shape = spatial_shape(nifti, path)
+    if label_shape != shape:
+        raise DataError(path, f"label shape {label_shape} differs from the image's {shape} ({image_path})")
+    if not same_grid(nifti.affine, affine):
+        offset = np.abs(nifti.affine - affine).max()
+        raise DataError(path, f"label affine differs from the image's by up to {offset:.4g} ({image_path})")
+    return nifti
+
+
+def same_grid(affine: np.ndarray, reference: np.ndarray) -> bool:
+    """Affines agree within 1e-3 relative, and within 1e-3 of a voxel for entries near zero."""
+    atol = AFFINE_TOLERANCE * voxel_sizes(reference).max()
+    return np.allclose(affine, reference, rtol=AFFINE_TOLERANCE, atol=atol)
+
+
+def voxel_sizes(affine: np.ndarray) -> np.ndarray:
+    return np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+
+
+def check_label_values(label_map: np.ndarray, declared_values: set[int] | None, path: Path) -> None:
+    """Labels must hold integers, and only the values the dataset declares where it declares any."""
+    if declared_values is not None:
+        unexpected = ~np.isin(label_map, sorted(declared_values))
+        if unexpected.any():
+            raise DataError(
+                path,
+                f"label values {format_values(np.unique(label_map[unexpected]))} are not declared in "
+                f"dataset.json (declared: {format_values(sorted(declared_values))})",
+            )
+    elif np.issubdtype(label_map.dtype, np.floating):
+        fractional = label_map != np.round(label_map)
+        if fractional.any():
+            values = format_values(np.unique(label_map[fractional]))
+            raise DataError(path, f"label holds non-integer values {values}")
+
+
+def open_nifti(path: Path, missing_problem: str) -> nib.spatialimages.SpatialImage:
+    try:
+        return nib.load(path)
+    except FileNotFoundError as error:
+        raise DataError(path, missing_problem) from error
+    except (nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError, zlib.error) as error:
+        raise DataError(path, f"not a readable NIfTI file ({error})") from error
+
+
+def spatial_shape(nifti: nib.spatialimages.SpatialImage, path: Path) -> tuple[int, int, int]:
+    """The 3-D shape of a volume; trailing singleton dimensions are allowed, other ranks are not."""
+    shape = tuple(int(size) for size in nifti.shape)
+    if len(shape) < 3:
+        raise DataError(path, f"volume is {len(shape)}-D (shape {shape}); a 3-D volume is needed")
+    if any(size != 1 for size in shape[3:]):
+        problem = "multi-channel or time-series volumes are not supported"
+        raise DataError(path, f"volume is {len(shape)}-D (shape {shape}); {problem}")
+    return shape[:3]
+
+
+def read_voxels(nifti: nib.spatialimages.SpatialImage, path: Path, dtype: type | None = None) -> np.ndarray:
+    """The voxel array in 3-D; a truncated or corrupt file fails here, as the data is decompressed."""
+    try:
+        data = np.asarray(nifti.dataobj, dtype=dtype)
+    except (OSError, EOFError, ValueError, zlib.error) as error:
+        raise DataError(path, f"truncated or corrupt NIfTI data ({error})") from error
+    return data.reshape(data.shape[:3])
+
+
+def format_values(values) -> str:
+    shown = ", ".join(f"{value:g}" for value in list(values)[:SHOWN_VALUES])
+    return shown + (", ..." if len(values) > SHOWN_VALUES else "")

@@ -1,0 +1,64 @@
+"""latents.csv and latent_map.png: the learned map of the training set.
+
+The two scores are the paper's (Section 4.2): `norm`, the L2 norm of a case's
+latent (the main style sits at 0 because of the L1 penalty), and `mean_dist`,
+its mean Euclidean distance to the other cases' latents (isolation).
+"""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from scipy.spatial.distance import cdist  # noqa: E402
+
+from hypersort_core.atomic import atomic_savefig, atomic_write_text  # noqa: E402
+
+LABELLED_OUTLIERS = 5
+
+
+def latent_scores(latents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(norm, mean_dist) per case for latents [N, d]; mean_dist excludes the case itself."""
+    norm = np.linalg.norm(latents, axis=1)
+    n = len(latents)
+    mean_dist = cdist(latents, latents).sum(axis=1) / max(n - 1, 1)
+    return norm, mean_dist
+
+
+def write_latents_csv(run_dir: Path, case_ids: list[str], latents: np.ndarray) -> None:
+    norm, mean_dist = latent_scores(latents)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["case", *[f"z{i}" for i in range(latents.shape[1])], "norm", "mean_dist"])
+    for case, z, n, d in zip(case_ids, latents, norm, mean_dist):
+        writer.writerow([case, *[f"{v:.6g}" for v in z], f"{n:.6g}", f"{d:.6g}"])
+    atomic_write_text(Path(run_dir) / "latents.csv", buffer.getvalue())
+
+
+def read_latents_csv(path: Path) -> tuple[list[str], np.ndarray]:
+    """Case ids and latents [N, d] from a latents.csv."""
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    dims = sorted((k for k in rows[0] if k[0] == "z" and k[1:].isdigit()), key=lambda k: int(k[1:]))
+    return [row["case"] for row in rows], np.array([[float(row[k]) for k in dims] for row in rows])
+
+
+def plot_latent_map(run_dir: Path, case_ids: list[str], latents: np.ndarray, epoch: int) -> None:
+    """The first two latent axes, coloured by norm, with the most distant cases named."""
+    norm, _ = latent_scores(latents)
+    xy = latents[:, :2] if latents.shape[1] >= 2 else np.column_stack([latents[:, 0], np.zeros(len(latents))])
+    figure, axis = plt.subplots(figsize=(5.5, 5))
+    points = axis.scatter(xy[:, 0], xy[:, 1], c=norm, cmap="viridis", s=22, edgecolors="k", linewidths=0.3)
+    axis.scatter([0], [0], marker="+", color="red", s=120, label="λ = 0 (main style)")
+    for i in np.argsort(-norm)[:LABELLED_OUTLIERS]:
+        axis.annotate(case_ids[i], xy[i], fontsize=7, xytext=(3, 3), textcoords="offset points")
+    figure.colorbar(points, ax=axis, label="||λ||₂")
+    axis.set(xlabel="z0", ylabel="z1", title=f"latent map, epoch {epoch}", aspect="equal")
+    axis.legend(loc="best", fontsize=8)
+    atomic_savefig(Path(run_dir) / "latent_map.png", figure)
+    plt.close(figure)

@@ -1,0 +1,242 @@
+"""`hsort fit`: train the hyper-network and the latent table jointly.
+
+Two Adam optimizers, as in the reference code: one for the hyper-network, one
+(sparse, so only the cases in a batch move) for the latents.  Batches hold
+several cases, each segmented by the UNet of its own latent.  Ctrl-C and the
+time budget stop at a step boundary and leave a checkpoint to resume from.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from hypersort_core import __version__
+from hypersort_core.atomic import atomic_write_text
+from hypersort_core.checkpoint import (
+    CHECKPOINT_NAME,
+    TrainingState,
+    load_checkpoint,
+    restore_checkpoint,
+    save_checkpoint,
+)
+from hypersort_core.config import ConfigError, TrainConfig
+from hypersort_core.data import DataError, PreparedData, TrainingSet, prepare_cases, read_dataset, select_labels
+from hypersort_core.latents import plot_latent_map, write_latents_csv
+from hypersort_core.log import plot_progress, write_log_csv
+from hypersort_core.loss import hypersort_loss
+from hypersort_core.model import HyperSORT, plain_unet
+
+CONFIG_NAME = "config.json"
+SUM_KEYS = ("loss", "cross_entropy", "dice", "latent_l1")
+
+
+@dataclass
+class FitResult:
+    run_dir: Path
+    epochs_done: int
+    stopped: str | None  # None (finished), "time budget" or "interrupted"
+    bad_cases: list[DataError]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but PyTorch sees no CUDA device")
+    return torch.device(name)
+
+
+def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA by default; TF32 when asked for; plain float32 on the CPU."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    return contextlib.nullcontext()
+
+
+def estimated_step_seconds(config: TrainConfig) -> float:
+    """Seconds per training step on this CPU: the UNet's FLOPs over a measured conv3d rate."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        unet = plain_unet(config.model)
+        x = torch.empty(config.batch_size, config.model.in_channels, *config.preprocess.roi)
+        with FlopCounterMode(display=False) as counter:
+            unet(x).sum().backward()
+    probe = torch.randn(1, 16, 32, 32, 32)
+    weight = torch.randn(16, 16, 3, 3, 3)
+    start = time.perf_counter()
+    torch.nn.functional.conv3d(probe, weight, padding=1)
+    rate = 2 * 16 * 16 * 27 * 32**3 / (time.perf_counter() - start)
+    return counter.get_total_flops() / rate
+
+
+class _StopFlag:
+    """Ctrl-C asks to stop after the current step; a second Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.getsignal(signal.SIGINT)
+
+        def request(signum, frame):
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+
+        signal.signal(signal.SIGINT, request)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def write_config(run_dir: Path, config: TrainConfig, data: Path, case_ids: list[str]) -> None:
+    payload = {"version": __version__, "data": str(data), **config.to_dict(), "cases": case_ids}
+    atomic_write_text(run_dir / CONFIG_NAME, json.dumps(payload, indent=2) + "\n")
+
+
+def read_config(run_dir: Path) -> tuple[TrainConfig, Path]:
+    """The settings and dataset path a run folder was made with."""
+    payload = json.loads((run_dir / CONFIG_NAME).read_text())
+    return TrainConfig.from_dict(payload), Path(payload["data"])
+
+
+def prepare_data(data: Path, config: TrainConfig, run_dir: Path, progress: bool) -> tuple[PreparedData, TrainConfig]:
+    """Read, check and preprocess the dataset; the output channels follow the chosen labels."""
+    roi, multiple = config.preprocess.roi, config.model.size_multiple
+    if any(side % multiple for side in roi):
+        raise ConfigError(f"ROI {tuple(roi)} must be a multiple of {multiple} on each side for a UNet with {config.model.levels} levels")
+    dataset = read_dataset(data, config.layout)
+    selection = select_labels(dataset, config.label)
+    config = replace(config, model=replace(config.model, out_channels=selection.num_classes))
+    prepared = prepare_cases(dataset, selection, config.preprocess, run_dir / "cache", skip_bad=config.skip_bad, progress=progress)
+    return prepared, config
+
+
+def build_optimizers(model: HyperSORT, config: TrainConfig, device: torch.device) -> dict[str, torch.optim.Optimizer]:
+    fused = device.type == "cuda"
+    return {
+        "hypernet": torch.optim.Adam(model.hypernet.parameters(), lr=config.lr, fused=fused),
+        "latents": torch.optim.SparseAdam(model.latents.parameters(), lr=config.latent_lr, betas=config.latent_betas),
+    }
+
+
+def write_epoch_outputs(run_dir: Path, model: HyperSORT, state: TrainingState) -> None:
+    """The per-epoch files of the run folder, each replaced atomically."""
+    latents = model.latents.weight.detach().float().cpu().numpy()
+    write_latents_csv(run_dir, model.case_ids, latents)
+    plot_latent_map(run_dir, model.case_ids, latents, state.epoch)
+    if state.log_rows:
+        write_log_csv(run_dir, state.log_rows)
+        plot_progress(run_dir, state.log_rows)
+
+
+def fit(data: Path, run_dir: Path, config: TrainConfig, resume: bool = False, progress: bool = True) -> FitResult:
+    """Train HyperSORT on a dataset folder; everything lands in run_dir (see README: the run folder)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(config.device)
+    payload = load_checkpoint(run_dir / CHECKPOINT_NAME) if resume else None
+    prepared, config = prepare_data(Path(data), config, run_dir, progress)
+    case_ids = [case.case_id for case in prepared.cases]
+    write_config(run_dir, config, Path(data), case_ids)
+    if device.type == "cpu" and config.preset == "paper" and payload is None:
+        steps = math.ceil(len(case_ids) / config.batch_size)
+        print(f"estimated time per epoch on this CPU: {steps * estimated_step_seconds(config) / 60:.1f} min ({steps} steps); --preset small is CPU-sized")
+
+    torch.manual_seed(config.seed)
+    model = HyperSORT(config.model, case_ids).to(device)
+    optimizers = build_optimizers(model, config, device)
+    state = restore_checkpoint(payload, model, optimizers) if payload else TrainingState()
+    stopped = _train(model, optimizers, state, TrainingSet(prepared), config, device, run_dir, progress)
+    return FitResult(run_dir, state.epoch, stopped, prepared.bad)
+
+
+def _train(model, optimizers, state, training_set, config, device, run_dir, progress) -> str | None:
+    n_cases = len(training_set)
+    autocast = autocast_for(config.precision, device)
+    stop = _StopFlag()
+    started = time.monotonic() - state.elapsed_seconds
+    budget = None if config.max_minutes is None else config.max_minutes * 60
+
+    def checkpoint() -> None:
+        state.elapsed_seconds = time.monotonic() - started
+        save_checkpoint(run_dir, model, optimizers, state)
+
+    with stop.installed():
+        while state.epoch < config.epochs:
+            if not state.epoch_order:
+                state.epoch_order = torch.randperm(n_cases).tolist()
+                state.step_in_epoch, state.epoch_sums = 0, dict.fromkeys(SUM_KEYS, 0.0)
+            batches = [state.epoch_order[i : i + config.batch_size] for i in range(0, n_cases, config.batch_size)]
+            # The loader's own generator keeps the global RNG (saved in checkpoints) untouched by resuming.
+            loader_rng = torch.Generator().manual_seed(config.seed * 100_003 + state.epoch)
+            loader = DataLoader(training_set, batch_sampler=batches[state.step_in_epoch :], num_workers=config.workers, generator=loader_rng)
+            bar = tqdm(loader, total=len(batches), initial=state.step_in_epoch, desc=f"epoch {state.epoch + 1}/{config.epochs}", disable=not progress, leave=False)
+            for batch in bar:
+                terms = _train_step(model, optimizers, batch, config, device, autocast)
+                for key, value in zip(SUM_KEYS, (terms.total, terms.cross_entropy, terms.dice, terms.latent_l1)):
+                    state.epoch_sums[key] += value.item()
+                state.step_in_epoch += 1
+                bar.set_postfix(loss=f"{float(terms.total):.4f}", latent=f"{_mean_latent_norm(model):.4f}")
+                over_budget = budget is not None and time.monotonic() - started > budget
+                if stop.requested or over_budget:
+                    bar.close()
+                    checkpoint()
+                    write_epoch_outputs(run_dir, model, state)
+                    return "interrupted" if stop.requested else "time budget"
+            bar.close()
+            _finish_epoch(model, state, len(batches), time.monotonic() - started, progress)
+            write_epoch_outputs(run_dir, model, state)
+            if state.epoch % config.checkpoint_every == 0 or state.epoch == config.epochs:
+                checkpoint()
+    return None
+
+
+def _train_step(model, optimizers, batch, config, device, autocast):
+    image = batch["image"].to(device, non_blocking=True)
+    label = batch["label"].to(device, non_blocking=True)
+    latent = model.latents(batch["index"].to(device))
+    with autocast:
+        logits = model(image, latent)
+    terms = hypersort_loss(logits, label, latent, config.l1)
+    for optimizer in optimizers.values():
+        optimizer.zero_grad(set_to_none=True)
+    terms.total.backward()
+    for optimizer in optimizers.values():
+        optimizer.step()
+    return replace(terms, **{k: v.detach() for k, v in vars(terms).items()})
+
+
+def _mean_latent_norm(model: HyperSORT) -> float:
+    return float(model.latents.weight.detach().norm(dim=1).mean())
+
+
+def _finish_epoch(model: HyperSORT, state: TrainingState, steps: int, seconds: float, progress: bool) -> None:
+    """Close the epoch: one log row, and a fresh case order next time."""
+    state.epoch += 1
+    row = {"epoch": state.epoch, "steps": steps, **{k: v / steps for k, v in state.epoch_sums.items()}}
+    row.update(latent_norm=_mean_latent_norm(model), seconds=round(seconds, 2))
+    state.log_rows.append(row)
+    state.epoch_order = []
+    if progress:
+        tqdm.write(f"epoch {state.epoch}: loss {row['loss']:.4f} (ce {row['cross_entropy']:.4f}, dice {row['dice']:.4f}) mean |λ| {row['latent_norm']:.4f}  {seconds:.0f}s")

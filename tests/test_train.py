@@ -1,0 +1,103 @@
+"""`fit` writes the run folder it promises and continues exactly where a checkpoint left off."""
+import csv
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from hypersort_core.checkpoint import CheckpointError, load_checkpoint
+from hypersort_core.config import TrainConfig
+from hypersort_core.data import make_synthetic_dataset
+from hypersort_core.latents import read_latents_csv
+from hypersort_core.train import estimated_step_seconds, fit
+
+
+def tiny_config(**overrides) -> TrainConfig:
+    config = TrainConfig.from_preset("small", **{"batch_size": 3, "epochs": 2, "checkpoint_every": 1, **overrides})
+    return replace(
+        config,
+        model=replace(config.model, base_channels=4, convs_per_level=1),
+        preprocess=replace(config.preprocess, roi=(16, 16, 16)),
+    )
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_synthetic_dataset(tmp_path_factory.mktemp("data") / "synth", cases=7, size=16, perturbed=0.3, seed=0)
+
+
+def read_csv(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_fit_writes_the_run_folder(dataset, tmp_path):
+    result = fit(dataset, tmp_path / "run", tiny_config(), progress=False)
+    run = result.run_dir
+    assert result.epochs_done == 2 and result.stopped is None
+    config = json.loads((run / "config.json").read_text())
+    assert config["cases"] == [f"synth_{i:03d}" for i in range(7)]
+    assert config["batch_size"] == 3 and config["model"]["base_channels"] == 4 and "version" in config
+    latents = read_csv(run / "latents.csv")
+    assert list(latents[0]) == ["case", "z0", "z1", "norm", "mean_dist"]
+    assert [row["case"] for row in latents] == config["cases"]
+    z = np.array([[float(row["z0"]), float(row["z1"])] for row in latents])
+    np.testing.assert_allclose([float(row["norm"]) for row in latents], np.linalg.norm(z, axis=1), rtol=1e-4)
+    assert [int(row["epoch"]) for row in read_csv(run / "log.csv")] == [1, 2]
+    for picture in ("progress.png", "latent_map.png"):
+        assert (run / picture).read_bytes().startswith(b"\x89PNG")
+    assert not list(run.glob("*.tmp")) and not list(run.glob(".*.tmp"))
+    assert load_checkpoint(run / "checkpoint.pt")["state"]["epoch"] == 2
+
+
+def test_training_moves_latents_and_lowers_the_loss(dataset, tmp_path):
+    result = fit(dataset, tmp_path / "run", tiny_config(epochs=6), progress=False)
+    log = read_csv(result.run_dir / "log.csv")
+    assert float(log[-1]["loss"]) < float(log[0]["loss"])
+    _, latents = read_latents_csv(result.run_dir / "latents.csv")
+    torch.manual_seed(0)
+    assert not np.allclose(latents, torch.randn(7, 2).numpy() * 0.05, atol=1e-3)
+
+
+def test_resume_continues_exactly_where_the_checkpoint_left_off(dataset, tmp_path):
+    straight = fit(dataset, tmp_path / "straight", tiny_config(epochs=4), progress=False)
+    fit(dataset, tmp_path / "resumed", tiny_config(epochs=2), progress=False)
+    resumed = fit(dataset, tmp_path / "resumed", tiny_config(epochs=4), resume=True, progress=False)
+    assert resumed.epochs_done == 4
+    _, a = read_latents_csv(straight.run_dir / "latents.csv")
+    _, b = read_latents_csv(resumed.run_dir / "latents.csv")
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert [row["loss"] for row in read_csv(straight.run_dir / "log.csv")] == [row["loss"] for row in read_csv(resumed.run_dir / "log.csv")]
+
+
+def test_a_time_budget_stops_mid_epoch_and_resume_finishes_the_same_epoch(dataset, tmp_path):
+    stopped = fit(dataset, tmp_path / "run", tiny_config(epochs=3, max_minutes=0.0), progress=False)
+    assert stopped.stopped == "time budget"
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["state"]
+    assert state["epoch"] == 0 and state["step_in_epoch"] == 1
+    straight = fit(dataset, tmp_path / "straight", tiny_config(epochs=3), progress=False)
+    resumed = fit(dataset, tmp_path / "run", tiny_config(epochs=3), resume=True, progress=False)
+    assert resumed.stopped is None
+    np.testing.assert_allclose(read_latents_csv(resumed.run_dir / "latents.csv")[1], read_latents_csv(straight.run_dir / "latents.csv")[1], rtol=1e-5, atol=1e-7)
+
+
+def test_fewer_cases_than_the_batch_size_still_trains(tmp_path):
+    data = make_synthetic_dataset(tmp_path / "two", cases=2, size=16, perturbed=0.0, seed=1)
+    result = fit(data, tmp_path / "run", tiny_config(batch_size=8, epochs=1), progress=False)
+    assert result.epochs_done == 1 and len(read_csv(result.run_dir / "latents.csv")) == 2
+
+
+def test_resume_refuses_a_damaged_checkpoint(dataset, tmp_path):
+    fit(dataset, tmp_path / "run", tiny_config(epochs=1), progress=False)
+    path = tmp_path / "run" / "checkpoint.pt"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="damaged"):
+        fit(dataset, tmp_path / "run", tiny_config(epochs=2), resume=True, progress=False)
+
+
+def test_cpu_time_estimate_scales_with_the_roi():
+    small = estimated_step_seconds(replace(tiny_config(), preprocess=replace(tiny_config().preprocess, roi=(16, 16, 16))))
+    large = estimated_step_seconds(replace(tiny_config(), preprocess=replace(tiny_config().preprocess, roi=(64, 64, 64))))
+    assert 0 < small < large
