@@ -119,16 +119,19 @@ RESUMABLE_OPTIONS = ("epochs", "max_minutes", "checkpoint_every", "device", "wor
 
 
 def _new_config(preset: str, options: dict):
-    from hypersort_core.config import TrainConfig
+    from hypersort_core.config import ConfigError, TrainConfig
 
     architecture = {k: options.pop(k) for k in ARCHITECTURE_OPTIONS}
     preprocess = {k: options.pop(k) for k in PREPROCESS_OPTIONS}
     config = TrainConfig.from_preset(preset, **options)
-    return replace(
-        config,
-        model=replace(config.model, **{k: v for k, v in architecture.items() if v is not None}),
-        preprocess=replace(config.preprocess, **{k: v for k, v in preprocess.items() if v is not None}),
-    )
+    try:
+        return replace(
+            config,
+            model=replace(config.model, **{k: v for k, v in architecture.items() if v is not None}),
+            preprocess=replace(config.preprocess, **{k: v for k, v in preprocess.items() if v is not None}),
+        )
+    except ValueError as error:  # the dataclasses validate themselves
+        raise ConfigError(str(error)) from None
 
 
 def _resume_config(run_dir: Path, options: dict):
@@ -158,6 +161,38 @@ def _print_fit_summary(result, data: Path) -> None:
             f"known perturbations ({summary.counts}): AUROC of latent norm {summary.auroc_norm:.3f}, "
             f"of mean distance {summary.auroc_mean_dist:.3f}; eroded vs dilated direction cosine {summary.direction_cosine:+.2f} (negative = opposite sides)"
         )
+
+
+def _comma_list(kind: type):
+    """Parse 'a,b,c' into a tuple of kind."""
+
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            return tuple(kind(v.strip()) for v in value.split(",") if v.strip())
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not a comma-separated list of {kind.__name__} values") from None
+
+    return parse
+
+
+@main.command()
+@click.option("--size", type=click.IntRange(min=1), default=None, help="ROI side in voxels  [default: 168 on CUDA, 32 on CPU]")
+@click.option("--batch", "batches", default=None, callback=_comma_list(int), help="Batch sizes: 2,4  [default: 2,4 on CUDA, 2 on CPU]")
+@click.option("--preset", type=click.Choice(["paper", "small"]), default=None, help="UNet architecture  [default: paper on CUDA, small on CPU]")
+@click.option("--dtype", "dtypes", default=None, callback=_comma_list(str), help="float32,bfloat16  [default: both on CUDA, float32 on CPU]")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("bench.json"), show_default=True, help="JSON file with every measurement.")
+@click.option("--quick", is_flag=True, help="Fewer repeats and one layer of each kind: proves the run end to end.")
+@click.option("--only", "sections", default=None, callback=_comma_list(str), help="Sections: layers,head,step,block  [default: all]")
+@reports_bad_input
+def bench(out: Path, **options) -> None:
+    """Time the per-sample convs, the head and a training step against the reference formulation."""
+    from hypersort_core.benchmark import bench_settings, format_report, run_benchmark
+
+    report = run_benchmark(bench_settings(**options), out, progress=lambda line: click.echo(line, err=True))
+    click.echo(format_report(report, out))
 
 
 if __name__ == "__main__":

@@ -29,9 +29,12 @@ PRESETS: dict[str, dict] = {
         "model": ModelConfig(levels=2, convs_per_level=2, base_channels=8),
         "preprocess": PreprocessConfig(spacing=(2.0, 2.0, 2.0), roi=(32, 32, 32)),
         "batch_size": 4,
-        "epochs": 40,
-        "lr": 1e-3,
+        "epochs": 100,
+        "lr": 2e-3,
         "latent_lr": 1e-2,
+        # Measured on the synthetic demo: with 1.0 the segmentation gradient on a perturbed case's latent
+        # (about 0.2) never beats the L1 subgradient, and every latent collapses to 0.
+        "l1": 0.1,
     },
 }
 

@@ -22,9 +22,13 @@ class LossTerms:
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """1 - soft Dice per sample [B], averaged over all classes (background included, as in the reference)."""
-    probs = logits.float().softmax(dim=1)
-    one_hot = F.one_hot(target, num_classes=logits.shape[1]).movedim(-1, 1).to(probs.dtype)
+    """1 - soft Dice per sample [B], averaged over the foreground classes.
+
+    Background is left out (as nnU-Net does): its Dice is near 1 whatever the boundary does, so
+    keeping it halves the weight of exactly the boundary errors that tell annotation styles apart.
+    """
+    probs = logits.float().softmax(dim=1)[:, 1:]
+    one_hot = F.one_hot(target, num_classes=logits.shape[1]).movedim(-1, 1)[:, 1:].to(probs.dtype)
     axes = tuple(range(2, logits.dim()))
     overlap = (probs * one_hot).sum(axes)
     sizes = probs.sum(axes) + one_hot.sum(axes)

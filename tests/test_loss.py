@@ -14,6 +14,20 @@ def test_dice_is_zero_for_a_perfect_prediction_and_one_for_a_disjoint_one():
     assert torch.allclose(soft_dice_loss(one_hot_logits(1 - label, 2), label), torch.ones(2), atol=1e-6)
 
 
+def test_dice_ignores_the_background():
+    label = torch.zeros(1, 8, 8, 8, dtype=torch.long)
+    label[:, 3:5, 3:5, 3:5] = 1
+    all_background = one_hot_logits(torch.zeros_like(label), 2)  # background Dice ~0.98, foreground 0
+    assert soft_dice_loss(all_background, label) > 0.99
+
+
+def test_dice_averages_the_foreground_classes():
+    label = torch.zeros(1, 6, 6, 6, dtype=torch.long)
+    label[:, :2], label[:, 4:] = 1, 2
+    half_right = one_hot_logits(torch.where(label == 2, 0, label), 3)  # class 1 perfect, class 2 missed
+    assert torch.isclose(soft_dice_loss(half_right, label), torch.tensor([0.5]), atol=1e-4)
+
+
 def test_dice_is_per_sample():
     label = torch.zeros(2, 4, 4, 4, dtype=torch.long)
     label[0, :2] = 1

@@ -80,7 +80,7 @@ def phantom(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray
     organ_centre = rng.uniform(-0.04, 0.04, 3)
     organ_radii = rng.uniform(0.2, 0.3, 3)
     organ = inside_ellipsoid(grid, organ_centre, organ_radii, wobble=0.25 * smooth_noise(size, rng))
-    organ_hu = rng.uniform(60, 110)
+    organ_hu = rng.uniform(90, 130)
     image = np.where(body, SOFT_TISSUE_HU, AIR_HU)
     for _ in range(rng.integers(1, 3)):
         neighbour = neighbour_of(grid, organ_centre, organ_radii, rng) & body

@@ -1,0 +1,133 @@
+"""Per-sample 3D convolution: every batch element is convolved with its own weight.
+
+This file holds the public ops `per_sample_conv3d` / `per_sample_conv_transpose3d` and their pure-PyTorch
+references, which are also the CPU path; the Triton kernels of the family live in
+`per_sample_conv3d_triton.py`, imported only when they run (see `_dispatch`).  The reference folds the
+batch into channel groups (`groups = B`), which is exactly what `torch.func.vmap` lowers a batched-weight
+convolution to.  Weights use PyTorch's own layouts per sample: Conv3d `[Cout, Cin, kd, kh, kw]`,
+ConvTranspose3d `[Cin, Cout, kd, kh, kw]`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._dispatch import autocast_inputs, triton_runs, unsupported_dtypes
+
+IntOr3 = int | tuple[int, int, int]
+Triple = tuple[int, int, int]
+
+
+def _check_batched(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cin_dim: int) -> None:
+    """Reject shapes the grouped formulation would silently misread."""
+    if x.dim() != 5 or weight.dim() != 6:
+        raise ValueError(f"expected x [B,C,D,H,W] and weight [B,*,*,k,k,k], got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if weight.shape[0] != x.shape[0]:
+        raise ValueError(f"batch of x ({x.shape[0]}) and of weight ({weight.shape[0]}) differ")
+    if weight.shape[cin_dim] != x.shape[1]:
+        raise ValueError(f"x has {x.shape[1]} channels, weight expects {weight.shape[cin_dim]}")
+    if bias is not None and bias.shape[0] != x.shape[0]:
+        raise ValueError(f"batch of bias ({bias.shape[0]}) and of x ({x.shape[0]}) differ")
+
+
+def per_sample_conv3d_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: IntOr3 = 1,
+    padding: IntOr3 = 0,
+) -> torch.Tensor:
+    """y[b] = conv3d(x[b], weight[b], bias[b]) for x [B,Cin,D,H,W], weight [B,Cout,Cin,k,k,k]."""
+    _check_batched(x, weight, bias, cin_dim=2)
+    batch, cin = x.shape[:2]
+    cout = weight.shape[1]
+    grouped_x = x.reshape(1, batch * cin, *x.shape[2:])
+    grouped_w = weight.reshape(batch * cout, cin, *weight.shape[3:])
+    grouped_b = None if bias is None else bias.reshape(batch * cout)
+    y = F.conv3d(grouped_x, grouped_w, grouped_b, stride=stride, padding=padding, groups=batch)
+    return y.reshape(batch, cout, *y.shape[2:])
+
+
+def per_sample_conv_transpose3d_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: IntOr3 = 1,
+    padding: IntOr3 = 0,
+) -> torch.Tensor:
+    """y[b] = conv_transpose3d(x[b], weight[b], bias[b]) for weight [B,Cin,Cout,k,k,k]."""
+    _check_batched(x, weight, bias, cin_dim=1)
+    batch, cin = x.shape[:2]
+    cout = weight.shape[2]
+    grouped_x = x.reshape(1, batch * cin, *x.shape[2:])
+    grouped_w = weight.reshape(batch * cin, cout, *weight.shape[3:])
+    grouped_b = None if bias is None else bias.reshape(batch * cout)
+    y = F.conv_transpose3d(grouped_x, grouped_w, grouped_b, stride=stride, padding=padding, groups=batch)
+    return y.reshape(batch, cout, *y.shape[2:])
+
+
+def _triple(value: IntOr3) -> Triple:
+    return (value,) * 3 if isinstance(value, int) else tuple(value)
+
+
+def conv_output_size(size: Triple, kernel_size: Triple, stride: Triple, padding: Triple) -> Triple:
+    """Spatial size of a conv's output."""
+    return tuple((n + 2 * p - k) // s + 1 for n, k, s, p in zip(size, kernel_size, stride, padding))
+
+
+def conv_transpose_output_size(size: Triple, kernel_size: Triple, stride: Triple, padding: Triple) -> Triple:
+    """Spatial size of a transposed conv's output (no output padding)."""
+    return tuple((n - 1) * s - 2 * p + k for n, k, s, p in zip(size, kernel_size, stride, padding))
+
+
+def _unsupported(tensors: tuple[torch.Tensor | None, ...], stride: Triple, padding: Triple, out_size: Triple) -> str | None:
+    """Why the kernels cannot run this configuration, or None when they can."""
+    present = [t for t in tensors if t is not None]
+    dtypes = {t.dtype for t in present}
+    if reason := unsupported_dtypes(dtypes):
+        return reason
+    if len(dtypes) > 1:
+        return "mixed dtypes"
+    if len({t.device for t in present}) > 1:
+        return "tensors on different devices"
+    if min(stride) < 1 or min(padding) < 0 or min(out_size) < 1 or present[0].numel() == 0:
+        return "empty tensors, strides below 1 or negative padding"
+    return None
+
+
+def per_sample_conv3d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: IntOr3 = 1,
+    padding: IntOr3 = 0,
+) -> torch.Tensor:
+    """Per-sample Conv3d; the stable entry point the UNet is written against."""
+    _check_batched(x, weight, bias, cin_dim=2)
+    stride3, padding3 = _triple(stride), _triple(padding)
+    out_size = conv_output_size(tuple(x.shape[2:]), tuple(weight.shape[3:]), stride3, padding3)
+    cast = autocast_inputs(x, weight, bias)
+    if triton_runs("per_sample_conv3d", [x, weight], _unsupported(cast, stride3, padding3, out_size)):
+        from .per_sample_conv3d_triton import PerSampleConv3dFunction
+
+        return PerSampleConv3dFunction.apply(*cast, stride3, padding3)
+    return per_sample_conv3d_reference(x, weight, bias, stride, padding)
+
+
+def per_sample_conv_transpose3d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: IntOr3 = 1,
+    padding: IntOr3 = 0,
+) -> torch.Tensor:
+    """Per-sample ConvTranspose3d; the stable entry point the UNet is written against."""
+    _check_batched(x, weight, bias, cin_dim=1)
+    stride3, padding3 = _triple(stride), _triple(padding)
+    out_size = conv_transpose_output_size(tuple(x.shape[2:]), tuple(weight.shape[3:]), stride3, padding3)
+    cast = autocast_inputs(x, weight, bias)
+    if triton_runs("per_sample_conv_transpose3d", [x, weight], _unsupported(cast, stride3, padding3, out_size)):
+        from .per_sample_conv3d_triton import PerSampleConvTranspose3dFunction
+
+        return PerSampleConvTranspose3dFunction.apply(*cast, stride3, padding3)
+    return per_sample_conv_transpose3d_reference(x, weight, bias, stride, padding)
