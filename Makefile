@@ -19,9 +19,9 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: setup
+	rm -rf demo
 	$(HSORT) synth demo/data --cases 60 --size 32 --perturbed 0.15 --seed 0
-	$(HSORT) fit demo/data --out demo/run --preset small --epochs 40 --max-minutes 9
-	@echo "demo results are in demo/run (latent_map.png, latents.csv, progress.png, log.csv)"
+	$(HSORT) fit demo/data --out demo/run --preset small --max-minutes 10
 
 test: setup
 	$(PY) -m pytest -q

@@ -100,14 +100,15 @@ def synth(out: Path, cases: int, size: int, perturbed: float, seed: int) -> None
 @click.option("--workers", type=int, default=None, help="DataLoader worker processes.")
 @click.option("--skip-bad", is_flag=True, default=None, help="Leave out bad cases instead of stopping.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Start again in an --out that already holds a run.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @reports_bad_input
-def fit(data: Path, run_dir: Path, preset: str, resume: bool, quiet: bool, **options) -> None:
+def fit(data: Path, run_dir: Path, preset: str, resume: bool, overwrite: bool, quiet: bool, **options) -> None:
     """Train HyperSORT on DATA and write the run folder --out."""
     from hypersort_core.train import fit as fit_run
 
     config = _resume_config(run_dir, options) if resume else _new_config(preset, options)
-    result = fit_run(data, run_dir, config, resume=resume, progress=not quiet)
+    result = fit_run(data, run_dir, config, resume=resume, progress=not quiet, overwrite=overwrite)
     _print_fit_summary(result, data)
     if result.stopped == "interrupted":
         sys.exit(INTERRUPTED_EXIT)
@@ -183,7 +184,7 @@ def _comma_list(kind: type):
 @click.option("--preset", type=click.Choice(["paper", "small"]), default=None, help="UNet architecture  [default: paper on CUDA, small on CPU]")
 @click.option("--dtype", "dtypes", default=None, callback=_comma_list(str), help="float32,bfloat16  [default: both on CUDA, float32 on CPU]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("bench.json"), show_default=True, help="JSON file with every measurement.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("bench/out/bench.json"), show_default=True, help="JSON file with every measurement.")
 @click.option("--quick", is_flag=True, help="Fewer repeats and one layer of each kind: proves the run end to end.")
 @click.option("--only", "sections", default=None, callback=_comma_list(str), help="Sections: layers,head,step,block  [default: all]")
 @reports_bad_input

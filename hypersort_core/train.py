@@ -150,9 +150,11 @@ def write_epoch_outputs(run_dir: Path, model: HyperSORT, state: TrainingState) -
         plot_progress(run_dir, state.log_rows)
 
 
-def fit(data: Path, run_dir: Path, config: TrainConfig, resume: bool = False, progress: bool = True) -> FitResult:
+def fit(data: Path, run_dir: Path, config: TrainConfig, resume: bool = False, progress: bool = True, overwrite: bool = False) -> FitResult:
     """Train HyperSORT on a dataset folder; everything lands in run_dir (see README: the run folder)."""
     run_dir = Path(run_dir)
+    if not resume and not overwrite and (run_dir / CHECKPOINT_NAME).exists():
+        raise ConfigError(f"{run_dir} already holds a run: --resume continues it, --overwrite starts it again")
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
     payload = load_checkpoint(run_dir / CHECKPOINT_NAME) if resume else None

@@ -145,3 +145,13 @@ def test_per_sample_modules_match_torch_convolutions_per_sample():
 def test_plain_unet_is_an_ordinary_module():
     unet = UNet(1, 2, 2, 1, 4)
     assert unet(torch.randn(1, 1, 8, 8, 8)).shape == (1, 2, 8, 8, 8)
+
+
+def test_model_training_step_and_benchmarks_import_without_nibabel():
+    """The GPU machines' image has no nibabel: everything but reading and writing NIfTI must import."""
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['nibabel'] = None; import hypersort_core.train, hypersort_core.benchmark, hypersort_core.cli.main"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

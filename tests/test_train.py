@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hypersort_core.checkpoint import CheckpointError, load_checkpoint
-from hypersort_core.config import TrainConfig
+from hypersort_core.config import ConfigError, TrainConfig
 from hypersort_core.data import make_synthetic_dataset
 from hypersort_core.latents import read_latents_csv
 from hypersort_core.train import estimated_step_seconds, fit
@@ -101,3 +101,10 @@ def test_cpu_time_estimate_scales_with_the_roi():
     small = estimated_step_seconds(replace(tiny_config(), preprocess=replace(tiny_config().preprocess, roi=(16, 16, 16))))
     large = estimated_step_seconds(replace(tiny_config(), preprocess=replace(tiny_config().preprocess, roi=(64, 64, 64))))
     assert 0 < small < large
+
+
+def test_a_new_fit_does_not_overwrite_an_existing_run_unless_asked(dataset, tmp_path):
+    fit(dataset, tmp_path / "run", tiny_config(epochs=1), progress=False)
+    with pytest.raises(ConfigError, match="--resume continues it"):
+        fit(dataset, tmp_path / "run", tiny_config(epochs=1), progress=False)
+    assert fit(dataset, tmp_path / "run", tiny_config(epochs=1), progress=False, overwrite=True).epochs_done == 1

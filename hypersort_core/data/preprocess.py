@@ -4,7 +4,6 @@ can map predictions on the prepared grid back onto the original image."""
 
 from dataclasses import asdict, dataclass, replace
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
@@ -66,11 +65,13 @@ def preprocess(volume: LabelledVolume, config: PreprocessConfig) -> LabelledVolu
 
 def reorient_to_ras(volume: LabelledVolume) -> LabelledVolume:
     """Flip and permute axes to the closest RAS orientation (as nibabel's as_closest_canonical)."""
-    orientation = nib.orientations.io_orientation(volume.affine)
+    from nibabel import orientations  # imported here: see volumes.py
+
+    orientation = orientations.io_orientation(volume.affine)
     return LabelledVolume(
-        nib.orientations.apply_orientation(volume.image, orientation),
-        nib.orientations.apply_orientation(volume.label, orientation),
-        volume.affine @ nib.orientations.inv_ornt_aff(orientation, volume.image.shape),
+        orientations.apply_orientation(volume.image, orientation),
+        orientations.apply_orientation(volume.label, orientation),
+        volume.affine @ orientations.inv_ornt_aff(orientation, volume.image.shape),
     )
 
 

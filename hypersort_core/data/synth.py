@@ -9,7 +9,6 @@ import csv
 import json
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
@@ -37,6 +36,8 @@ def make_synthetic_dataset(
     if not 0 <= perturbed <= 1:
         raise ValueError(f"perturbed must be a fraction in [0, 1], got {perturbed}")
     out = Path(out)
+    import nibabel as nib  # imported here: see volumes.py
+
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(out, "already exists and is not an empty folder; choose a new one")
     (out / "imagesTr").mkdir(parents=True, exist_ok=True)

@@ -1,15 +1,23 @@
-"""Reading a case's volumes and validating them on the way, so that each file is read only once."""
+"""Reading a case's volumes and validating them on the way, so that each file is read only once.
+
+nibabel is imported where a file is opened, not at import: the model, the training step and the
+benchmarks then import without it (the GPU machines' image has no nibabel).
+"""
+from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import nibabel as nib
 import numpy as np
 
 from .errors import DataError
 from .labels import LabelSelection
 from .layouts import Case
+
+if TYPE_CHECKING:
+    import nibabel as nib
 
 AFFINE_TOLERANCE = 1e-3  # relative; also in voxel sizes where an affine entry is near zero
 SHOWN_VALUES = 10
@@ -118,6 +126,8 @@ def check_label_values(label_map: np.ndarray, declared_values: set[int] | None, 
 
 
 def open_nifti(path: Path, missing_problem: str) -> nib.spatialimages.SpatialImage:
+    import nibabel as nib
+
     try:
         return nib.load(path)
     except FileNotFoundError as error:
