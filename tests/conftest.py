@@ -1,6 +1,10 @@
 import pytest
 import torch
 from kernel_checks import DEVICE
+from tiny_runs import tiny_config
+
+from hypersort_core.data import make_synthetic_dataset
+from hypersort_core.train import fit
 
 
 @pytest.fixture
@@ -18,3 +22,15 @@ def triton_kernels(monkeypatch):
     yield
     torch.set_default_device(device)
     torch.use_deterministic_algorithms(deterministic)
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(tmp_path_factory):
+    """7 phantoms of 16³ from `hsort synth`, 2 of them with perturbed labels (perturbations.csv)."""
+    return make_synthetic_dataset(tmp_path_factory.mktemp("synthetic") / "data", cases=7, size=16, perturbed=0.3, seed=0)
+
+
+@pytest.fixture(scope="session")
+def trained_run(synthetic_dataset, tmp_path_factory):
+    """A run folder from 4 epochs of `fit` on `synthetic_dataset` (read-only: copy it to change it)."""
+    return fit(synthetic_dataset, tmp_path_factory.mktemp("trained") / "run", tiny_config(epochs=4), progress=False).run_dir

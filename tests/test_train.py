@@ -6,26 +6,18 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from tiny_runs import tiny_config
 
 from hypersort_core.checkpoint import CheckpointError, load_checkpoint
-from hypersort_core.config import ConfigError, TrainConfig
+from hypersort_core.config import ConfigError
 from hypersort_core.data import make_synthetic_dataset
 from hypersort_core.latents import read_latents_csv
 from hypersort_core.train import estimated_step_seconds, fit
 
 
-def tiny_config(**overrides) -> TrainConfig:
-    config = TrainConfig.from_preset("small", **{"batch_size": 3, "epochs": 2, "checkpoint_every": 1, **overrides})
-    return replace(
-        config,
-        model=replace(config.model, base_channels=4, convs_per_level=1),
-        preprocess=replace(config.preprocess, roi=(16, 16, 16)),
-    )
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return make_synthetic_dataset(tmp_path_factory.mktemp("data") / "synth", cases=7, size=16, perturbed=0.3, seed=0)
+@pytest.fixture
+def dataset(synthetic_dataset):
+    return synthetic_dataset
 
 
 def read_csv(path):

@@ -1,0 +1,73 @@
+"""A finished (or interrupted) run folder, loaded back: settings, case list, latents and the model.
+
+Everything after `hsort fit` — analysis, prediction, export, evaluation — starts here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hypersort_core.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from hypersort_core.config import TrainConfig
+from hypersort_core.data import PreparedData, prepare_cases, read_dataset, select_labels
+from hypersort_core.model import HyperSORT
+from hypersort_core.train import CONFIG_NAME, autocast_for, read_config, resolve_device
+
+
+@dataclass
+class Run:
+    run_dir: Path
+    config: TrainConfig
+    data: Path
+    model: HyperSORT
+    device: torch.device
+
+    @property
+    def case_ids(self) -> list[str]:
+        return self.model.case_ids
+
+    def latents(self) -> np.ndarray:
+        """The learned latents [N, latent_dim], in case_ids order."""
+        return self.model.latents.weight.detach().float().cpu().numpy()
+
+    def latent_of(self, case_id: str) -> np.ndarray:
+        if case_id not in self.case_ids:
+            raise KeyError(f"{case_id!r} is not a training case of {self.run_dir}")
+        return self.latents()[self.case_ids.index(case_id)]
+
+    def prepared(self, data: Path | None = None, progress: bool = False) -> PreparedData:
+        """A dataset preprocessed exactly as the training cases were (the run's cache is reused)."""
+        dataset = read_dataset(data or self.data, self.config.layout)
+        selection = select_labels(dataset, self.config.label)
+        return prepare_cases(dataset, selection, self.config.preprocess, self.run_dir / "cache", skip_bad=self.config.skip_bad, progress=progress)
+
+    @torch.no_grad()
+    def probabilities(self, images: torch.Tensor, latent: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Softmax [B, C, *spatial] for images [B, in, *spatial], all segmented by the UNet of one latent [d] (or one per image [B, d])."""
+        latent = torch.as_tensor(np.asarray(latent), dtype=torch.float32, device=self.device)
+        latent = latent.expand(len(images), -1) if latent.dim() == 1 else latent
+        with autocast_for(self.config.precision, self.device):
+            logits = self.model(images.to(self.device), latent)
+        return logits.float().softmax(dim=1)
+
+    def segment(self, image: np.ndarray, latent: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Class map of one preprocessed image [X, Y, Z] (sides divisible by the UNet's size multiple)."""
+        probabilities = self.probabilities(torch.from_numpy(np.array(image, dtype=np.float32))[None, None], latent)
+        return probabilities[0].argmax(dim=0).to(torch.uint8).cpu().numpy()
+
+
+def load_run(run_dir: Path | str, device: str = "auto") -> Run:
+    """Load a run folder written by `hsort fit` (checkpoint read with weights_only=True)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{run_dir}: not a run folder (no {CONFIG_NAME})")
+    config, data = read_config(run_dir)
+    device = resolve_device(device)
+    payload = load_checkpoint(run_dir / CHECKPOINT_NAME, map_location=device)
+    model = HyperSORT(config.model, payload["case_ids"]).to(device)
+    model.load_state_dict(payload["model"])
+    model.eval()
+    return Run(run_dir, config, data, model, device)
