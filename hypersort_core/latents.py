@@ -58,6 +58,7 @@ def plot_latent_map(run_dir: Path, case_ids: list[str], latents: np.ndarray, epo
     for i in np.argsort(-norm)[:LABELLED_OUTLIERS]:
         axis.annotate(case_ids[i], xy[i], fontsize=7, xytext=(3, 3), textcoords="offset points")
     figure.colorbar(points, ax=axis, label="||λ||₂")
+    axis.margins(0.18)  # room for the case names at the edges
     axis.set(xlabel="z0", ylabel="z1", title=f"latent map, epoch {epoch}", aspect="equal")
     axis.legend(loc="best", fontsize=8)
     atomic_savefig(Path(run_dir) / "latent_map.png", figure)
