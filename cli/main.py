@@ -1,56 +1,16 @@
 """`hsort`: parse, call the library, print.  Bad input is one line on stderr and exit code 2."""
 from __future__ import annotations
 
-import functools
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 import click
+from hypersort_core.cli.options import comma_list, reports_bad_input, triple
 
 from hypersort_core import __version__
 
-BAD_INPUT_EXIT = 2
 INTERRUPTED_EXIT = 130
-
-
-def _bad_input_errors() -> tuple[type[Exception], ...]:
-    from hypersort_core.checkpoint import CheckpointError
-    from hypersort_core.config import ConfigError
-    from hypersort_core.data import DataError
-
-    return DataError, CheckpointError, ConfigError, FileNotFoundError
-
-
-def reports_bad_input(command):
-    """Turn the library's input errors into one clear line and exit code 2, never a traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except _bad_input_errors() as error:
-            click.echo(f"hsort: error: {error}", err=True)
-            sys.exit(BAD_INPUT_EXIT)
-
-    return wrapper
-
-
-def _triple(kind: type):
-    """Parse '2' or '2,2,3' into a 3-tuple."""
-
-    def parse(ctx, param, value):
-        if value is None:
-            return None
-        try:
-            parts = [kind(v) for v in value.split(",")]
-        except ValueError:
-            raise click.BadParameter(f"{value!r} is not a number or three comma-separated numbers") from None
-        if len(parts) not in (1, 3):
-            raise click.BadParameter(f"{value!r}: give one value or three")
-        return tuple(parts * 3 if len(parts) == 1 else parts)
-
-    return parse
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -93,8 +53,8 @@ def synth(out: Path, cases: int, size: int, perturbed: float, seed: int) -> None
 @click.option("--base-channels", type=int, default=None)
 @click.option("--levels", type=int, default=None, help="Downsampling stages.")
 @click.option("--convs-per-level", type=int, default=None)
-@click.option("--spacing", default=None, callback=_triple(float), help="Target spacing in mm: 2 or 2,2,3.")
-@click.option("--roi", default=None, callback=_triple(int), help="ROI in voxels: 168 or 160,160,96.")
+@click.option("--spacing", default=None, callback=triple(float), help="Target spacing in mm: 2 or 2,2,3.")
+@click.option("--roi", default=None, callback=triple(int), help="ROI in voxels: 168 or 160,160,96.")
 @click.option("--crop", type=click.Choice(["label", "image", "random"]), default=None, help="ROI centred on the label, the image, or random crops.")
 @click.option("--checkpoint-every", type=int, default=None, help="Epochs between checkpoints (one is always written at the end).")
 @click.option("--workers", type=int, default=None, help="DataLoader worker processes.")
@@ -164,29 +124,15 @@ def _print_fit_summary(result, data: Path) -> None:
         )
 
 
-def _comma_list(kind: type):
-    """Parse 'a,b,c' into a tuple of kind."""
-
-    def parse(ctx, param, value):
-        if value is None:
-            return None
-        try:
-            return tuple(kind(v.strip()) for v in value.split(",") if v.strip())
-        except ValueError:
-            raise click.BadParameter(f"{value!r} is not a comma-separated list of {kind.__name__} values") from None
-
-    return parse
-
-
 @main.command()
 @click.option("--size", type=click.IntRange(min=1), default=None, help="ROI side in voxels  [default: 168 on CUDA, 32 on CPU]")
-@click.option("--batch", "batches", default=None, callback=_comma_list(int), help="Batch sizes: 2,4  [default: 2,4 on CUDA, 2 on CPU]")
+@click.option("--batch", "batches", default=None, callback=comma_list(int), help="Batch sizes: 2,4  [default: 2,4 on CUDA, 2 on CPU]")
 @click.option("--preset", type=click.Choice(["paper", "small"]), default=None, help="UNet architecture  [default: paper on CUDA, small on CPU]")
-@click.option("--dtype", "dtypes", default=None, callback=_comma_list(str), help="float32,bfloat16  [default: both on CUDA, float32 on CPU]")
+@click.option("--dtype", "dtypes", default=None, callback=comma_list(str), help="float32,bfloat16  [default: both on CUDA, float32 on CPU]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("bench/out/bench.json"), show_default=True, help="JSON file with every measurement.")
 @click.option("--quick", is_flag=True, help="Fewer repeats and one layer of each kind: proves the run end to end.")
-@click.option("--only", "sections", default=None, callback=_comma_list(str), help="Sections: layers,head,step,block  [default: all]")
+@click.option("--only", "sections", default=None, callback=comma_list(str), help="Sections: layers,head,step,block  [default: all]")
 @reports_bad_input
 def bench(out: Path, **options) -> None:
     """Time the per-sample convs, the head and a training step against the reference formulation."""
@@ -195,6 +141,17 @@ def bench(out: Path, **options) -> None:
     report = run_benchmark(bench_settings(**options), out, progress=lambda line: click.echo(line, err=True))
     click.echo(format_report(report, out))
 
+
+def _register_commands() -> None:
+    """The commands that work on a finished run live in their own modules."""
+    from hypersort_core.cli.evaluate import evaluate
+    from hypersort_core.cli.predict import correct, export, import_reference, predict
+
+    for command in (predict, correct, export, import_reference, evaluate):
+        main.add_command(command)
+
+
+_register_commands()
 
 if __name__ == "__main__":
     main()

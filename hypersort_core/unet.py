@@ -7,8 +7,13 @@ predicts (see `model.py`), and this module is what an exported style becomes.
 """
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 from torch import nn
+
+ARCHITECTURE_KEY = "architecture"  # safetensors metadata: the constructor's arguments as JSON
 
 
 def _block(conv: nn.Module, channels: int) -> list[nn.Module]:
@@ -35,6 +40,19 @@ class UNet(nn.Module):
                 cin = width[level + 1] if i == 0 else width[level]
                 self._add(f"dec_{level}_{i}", _block(nn.Conv3d(cin, width[level], 3, 1, 1), width[level]))
         self.conv_final = nn.Conv3d(width[0], out_channels, 3, 1, 1)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "UNet":
+        """The UNet `hsort export` wrote: safetensors weights, with its architecture in the file's metadata."""
+        from safetensors import safe_open  # imported here: the model itself needs no file format
+
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            if ARCHITECTURE_KEY not in metadata:
+                raise ValueError(f"{path}: no {ARCHITECTURE_KEY!r} in the file's metadata; not a UNet written by hsort export")
+            unet = cls(**json.loads(metadata[ARCHITECTURE_KEY]))
+            unet.load_state_dict({name: handle.get_tensor(name) for name in handle.keys()})
+        return unet.eval()
 
     def _add(self, tag: str, block: list[nn.Module]) -> None:
         """Register conv/act/norm under the reference's names (conv_init, down_0, dec_conv_0_1, ...)."""

@@ -34,3 +34,12 @@ def synthetic_dataset(tmp_path_factory):
 def trained_run(synthetic_dataset, tmp_path_factory):
     """A run folder from 4 epochs of `fit` on `synthetic_dataset` (read-only: copy it to change it)."""
     return fit(synthetic_dataset, tmp_path_factory.mktemp("trained") / "run", tiny_config(epochs=4), progress=False).run_dir
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny convolutions on a busy 2-core machine run many times faster on one thread than on two competing ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -4,9 +4,9 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+from cli_checks import assert_one_line_error
 from click.testing import CliRunner
 from dataset_writers import write_nifti, write_nnunet
-
 from hypersort_core.cli.main import main
 
 FAST = ["--preset", "small", "--roi", "8", "--base-channels", "2", "--convs-per-level", "1", "--epochs", "1", "--quiet"]
@@ -77,14 +77,6 @@ CORRUPTIONS = [remove_label, remove_image, label_of_other_shape, label_on_other_
 
 def run_fit(*args):
     return CliRunner().invoke(main, ["fit", *map(str, args)])
-
-
-def assert_one_line_error(result, names):
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("hsort: error: ")
-    assert str(names) in lines[0]
 
 
 @pytest.mark.parametrize("corrupt", CORRUPTIONS, ids=lambda f: f.__name__)
