@@ -17,7 +17,13 @@ from dataset_writers import (
     write_totalsegmentator,
 )
 
-from hypersort_core.data import DataError, PreprocessConfig, prepare_cases, read_dataset, select_labels
+from hypersort_core.data import (
+    DataError,
+    PreprocessConfig,
+    prepare_cases,
+    read_dataset,
+    select_labels,
+)
 
 CONFIG = PreprocessConfig(roi=(8, 8, 8))
 

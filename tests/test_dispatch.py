@@ -5,8 +5,6 @@ import warnings
 
 import pytest
 import torch
-from kernel_checks import needs_triton
-
 from hypersort_core.kernels import (
     _dispatch,
     hyper_head,
@@ -16,6 +14,7 @@ from hypersort_core.kernels import (
     per_sample_conv_transpose3d,
     per_sample_conv_transpose3d_reference,
 )
+from kernel_checks import needs_triton
 
 # the package re-exports the function under the module's name, so the module is looked up by path
 conv_module = importlib.import_module("hypersort_core.kernels.per_sample_conv3d")

@@ -6,8 +6,21 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from hypersort_core import HyperSORT, ModelConfig, PerSampleConv3d, PerSampleConvTranspose3d, UNet, parameter_count, unet_forward
-from hypersort_core.model import flatten_state_dict, parameter_layout, plain_unet, unpack_theta
+from hypersort_core import (
+    HyperSORT,
+    ModelConfig,
+    PerSampleConv3d,
+    PerSampleConvTranspose3d,
+    UNet,
+    parameter_count,
+    unet_forward,
+)
+from hypersort_core.model import (
+    flatten_state_dict,
+    parameter_layout,
+    plain_unet,
+    unpack_theta,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = ModelConfig(in_channels=2, out_channels=3, levels=2, convs_per_level=2, base_channels=4)

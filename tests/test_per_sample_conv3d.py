@@ -7,14 +7,13 @@ import math
 
 import pytest
 import torch
-from kernel_checks import DEVICE, assert_matches, needs_triton
-
 from hypersort_core.kernels import (
     per_sample_conv3d,
     per_sample_conv3d_reference,
     per_sample_conv_transpose3d,
     per_sample_conv_transpose3d_reference,
 )
+from kernel_checks import DEVICE, assert_matches, needs_triton
 
 pytestmark = [needs_triton, pytest.mark.usefixtures("triton_kernels")]
 

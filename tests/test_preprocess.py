@@ -10,7 +10,13 @@ import pytest
 import torch
 from dataset_writers import phantom, write_case, write_nnunet, write_totalsegmentator
 
-from hypersort_core.data import PreprocessConfig, TrainingSet, prepare_cases, read_dataset, select_labels
+from hypersort_core.data import (
+    PreprocessConfig,
+    TrainingSet,
+    prepare_cases,
+    read_dataset,
+    select_labels,
+)
 
 SHAPE = (16, 20, 8)
 SPACING = (1.3, 0.9, 2.6)

@@ -2,7 +2,13 @@
 or value."""
 
 import pytest
-from dataset_writers import write_folders, write_manifest, write_msd, write_nnunet, write_totalsegmentator
+from dataset_writers import (
+    write_folders,
+    write_manifest,
+    write_msd,
+    write_nnunet,
+    write_totalsegmentator,
+)
 
 from hypersort_core.data import DataError, read_dataset, select_labels
 

@@ -6,8 +6,20 @@ from pathlib import Path
 
 import torch
 
-from hypersort_core.model import HyperNetwork, ModelConfig, flatten_state_dict, parameter_count, parameter_layout, unet_forward
-from hypersort_core.reference import ReferenceHyperNetwork, ReferenceTraining, head_key, reference_to_single_head
+from hypersort_core.model import (
+    HyperNetwork,
+    ModelConfig,
+    flatten_state_dict,
+    parameter_count,
+    parameter_layout,
+    unet_forward,
+)
+from hypersort_core.reference import (
+    ReferenceHyperNetwork,
+    ReferenceTraining,
+    head_key,
+    reference_to_single_head,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = ModelConfig(in_channels=2, out_channels=3, levels=2, convs_per_level=2, base_channels=4)

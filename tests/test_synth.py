@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 from dataset_writers import write_manifest
 
-from hypersort_core.data import DataError, PreprocessConfig, TrainingSet, make_synthetic_dataset, prepare_cases
-from hypersort_core.data import read_dataset, select_labels
+from hypersort_core.data import (
+    DataError,
+    PreprocessConfig,
+    TrainingSet,
+    make_synthetic_dataset,
+    prepare_cases,
+    read_dataset,
+    select_labels,
+)
 
 
 def perturbation_rows(out) -> list[dict[str, str]]:
