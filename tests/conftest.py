@@ -1,10 +1,18 @@
-import pytest
-import torch
-from kernel_checks import DEVICE
-from tiny_runs import tiny_config
+import os
 
-from hypersort_core.data import make_synthetic_dataset
-from hypersort_core.train import fit
+import torch
+
+# Triton decides between compiling and interpreting when it is first imported, and other code (torch's
+# own FLOP counter, the benchmarks) may import it before a kernel test runs: without a GPU, interpret.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from kernel_checks import DEVICE  # noqa: E402
+from tiny_runs import tiny_config  # noqa: E402
+
+from hypersort_core.data import make_synthetic_dataset  # noqa: E402
+from hypersort_core.train import fit  # noqa: E402
 
 
 @pytest.fixture

@@ -50,11 +50,12 @@ def test_folds_cover_every_case_once_with_balanced_sizes():
 
 def test_test_dice_scores_each_case_with_a_unet_that_never_saw_it(prepared_run, monkeypatch):
     run, prepared = prepared_run
-    trained_on, scored_by = {}, {}
+    trained_on, scored_by, kept_alive = {}, {}, []
     train, score = baselines.train_plain_unet, baselines.case_losses
 
     def recording_train(cases, *args, **kwargs):
         unet = train(cases, *args, **kwargs)
+        kept_alive.append(unet)  # so that no later UNet reuses a recorded id
         trained_on[id(unet)] = {cases.dataset.cases[i].case_id for i in cases.indices}
         return unet
 
