@@ -61,17 +61,22 @@ def synth(out: Path, cases: int, size: int, perturbed: float, seed: int) -> None
 @click.option("--skip-bad", is_flag=True, default=None, help="Leave out bad cases instead of stopping.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Start again in an --out that already holds a run.")
+@click.option("--no-analyze", is_flag=True, help="Skip `hsort analyze` at the end.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @reports_bad_input
-def fit(data: Path, run_dir: Path, preset: str, resume: bool, overwrite: bool, quiet: bool, **options) -> None:
-    """Train HyperSORT on DATA and write the run folder --out."""
+def fit(data: Path, run_dir: Path, preset: str, resume: bool, overwrite: bool, no_analyze: bool, quiet: bool, **options) -> None:
+    """Train HyperSORT on DATA, write the run folder --out, then analyze it."""
+    from hypersort_core.analysis import analyze_run, format_summary
     from hypersort_core.train import fit as fit_run
 
     config = _resume_config(run_dir, options) if resume else _new_config(preset, options)
     result = fit_run(data, run_dir, config, resume=resume, progress=not quiet, overwrite=overwrite)
-    _print_fit_summary(result, data)
     if result.stopped == "interrupted":
+        _print_fit_summary(result, data)
         sys.exit(INTERRUPTED_EXIT)
+    if not no_analyze and len(result.case_ids) > 1:
+        click.echo(format_summary(analyze_run(run_dir, progress=not quiet)))
+    _print_fit_summary(result, data)
 
 
 ARCHITECTURE_OPTIONS = ("latent_dim", "base_channels", "levels", "convs_per_level")
@@ -144,10 +149,11 @@ def bench(out: Path, **options) -> None:
 
 def _register_commands() -> None:
     """The commands that work on a finished run live in their own modules."""
+    from hypersort_core.cli.analyze import analyze
     from hypersort_core.cli.evaluate import evaluate
     from hypersort_core.cli.predict import correct, export, import_reference, predict
 
-    for command in (predict, correct, export, import_reference, evaluate):
+    for command in (analyze, predict, correct, export, import_reference, evaluate):
         main.add_command(command)
 
 

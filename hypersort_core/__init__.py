@@ -2,7 +2,13 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from hypersort_core.layers import HyperHead, PerSampleConv3d, PerSampleConvTranspose3d
-from hypersort_core.model import HyperNetwork, HyperSORT, ModelConfig, parameter_count, unet_forward
+from hypersort_core.model import (
+    HyperNetwork,
+    HyperSORT,
+    ModelConfig,
+    parameter_count,
+    unet_forward,
+)
 from hypersort_core.unet import UNet
 
 try:

@@ -16,6 +16,7 @@ def atomic_open(path: Path | str, mode: str = "w") -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _default_file_mode())  # mkstemp makes files private; outputs are for everyone the umask allows
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
@@ -26,6 +27,13 @@ def atomic_open(path: Path | str, mode: str = "w") -> Iterator[IO]:
             os.unlink(tmp)
         raise
     _fsync_directory(path.parent)
+
+
+def _default_file_mode() -> int:
+    """0o666 less the process umask: the mode an ordinary open() would have given the file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _fsync_directory(directory: Path) -> None:

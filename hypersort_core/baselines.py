@@ -18,7 +18,12 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from hypersort_core.config import ConfigError, TrainConfig
-from hypersort_core.data import PreparedCase, PreparedData, PreprocessConfig, TrainingSet
+from hypersort_core.data import (
+    PreparedCase,
+    PreparedData,
+    PreprocessConfig,
+    TrainingSet,
+)
 from hypersort_core.data.preprocess import extract_window, roi_window
 from hypersort_core.loss import soft_dice_loss
 from hypersort_core.model import plain_unet

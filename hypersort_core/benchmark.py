@@ -51,7 +51,12 @@ from hypersort_core.layers import HyperHead
 from hypersort_core.model import HyperSORT, ModelConfig, parameter_count, plain_unet
 from hypersort_core.model import _block as per_sample_block
 from hypersort_core.reference import ReferenceHyperNetwork, ReferenceTraining
-from hypersort_core.train import _train_step, autocast_for, build_optimizers, resolve_device
+from hypersort_core.train import (
+    _train_step,
+    autocast_for,
+    build_optimizers,
+    resolve_device,
+)
 
 SECTIONS = ("layers", "head", "step", "block")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

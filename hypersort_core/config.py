@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields, replace
 from hypersort_core.data import PreprocessConfig
 from hypersort_core.model import ModelConfig
 
+
 class ConfigError(ValueError):
     """A setting that cannot work (unknown preset, missing device, impossible ROI)."""
 

@@ -15,16 +15,22 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from hypersort_core.analysis import RANKING_NAME
 from hypersort_core.atomic import atomic_write_text
 from hypersort_core.config import ConfigError
-from hypersort_core.data import Case, DataError, LabelSelection, read_dataset, select_labels
+from hypersort_core.data import (
+    Case,
+    DataError,
+    LabelSelection,
+    read_dataset,
+    select_labels,
+)
 from hypersort_core.data.volumes import open_nifti, read_case
 from hypersort_core.evaluate import foreground_dice
 from hypersort_core.predict import latent_probabilities, save_label, segment
 from hypersort_core.run import Run
 from hypersort_core.styles import cluster_latent, cluster_name
 
-RANKING_NAME = "ranking.csv"
 CHANGES_NAME = "changes.csv"
 
 

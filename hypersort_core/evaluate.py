@@ -23,11 +23,20 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
-from sklearn.mixture import GaussianMixture
 
 from hypersort_core.atomic import atomic_write_text
-from hypersort_core.baselines import held_out_dice_scores, scored_roi, training_loss_scores
-from hypersort_core.data import Case, DataError, LabelSelection, read_dataset, select_labels
+from hypersort_core.baselines import (
+    held_out_dice_scores,
+    scored_roi,
+    training_loss_scores,
+)
+from hypersort_core.data import (
+    Case,
+    DataError,
+    LabelSelection,
+    read_dataset,
+    select_labels,
+)
 from hypersort_core.data.layouts import nifti_files_by_case
 from hypersort_core.data.volumes import read_case
 from hypersort_core.latents import latent_scores, read_latents_csv
@@ -36,8 +45,6 @@ from hypersort_core.run import Run
 PERTURBATIONS_NAME = "perturbations.csv"
 EVALUATION_NAME = "evaluation.json"
 CLUSTERS_NAME = "clusters.csv"
-MAX_STYLES = 8  # components tried when this module fits the clusters itself
-MIN_STYLE_SIZE = 3  # cases per component at least on average: a mixture with one case per component has a likelihood that BIC cannot hold back
 SCORE_LABELS = {
     "latent_norm": "HyperSORT latent norm",
     "mean_distance": "HyperSORT mean distance",
@@ -227,20 +234,19 @@ def read_clusters_csv(path: Path) -> list[Style]:
     return [Style(int(row["cluster"]), int(row["size"]), np.array([float(row[key]) for key in dims])) for row in rows]
 
 
-def fit_styles(latents: np.ndarray, seed: int = 0) -> list[Style]:
-    """A Gaussian mixture over the latents whose number of components minimises BIC; the means are the styles."""
-    most = max(1, min(MAX_STYLES, len(latents) // MIN_STYLE_SIZE))
-    mixtures = [GaussianMixture(k, random_state=seed).fit(latents) for k in range(1, most + 1)]
-    best = min(mixtures, key=lambda mixture: mixture.bic(latents))
-    members = best.predict(latents)
-    return [Style(k, int((members == k).sum()), best.means_[k]) for k in range(best.n_components)]
+def fit_styles(latents: np.ndarray) -> list[Style]:
+    """The clusters `hsort analyze` would find (its mixture, K by BIC); the centroids are the styles."""
+    from hypersort_core.analysis import find_clusters  # analysis imports this module
+
+    clustering = find_clusters(latents)
+    return [Style(k, int(size), centroid) for k, (size, centroid) in enumerate(zip(clustering.sizes, clustering.centroids))]
 
 
 def run_styles(run: Run) -> list[Style]:
     """The run's clusters.csv when `hsort analyze` wrote one, else a mixture fitted here."""
     clusters = run.run_dir / CLUSTERS_NAME
     if not clusters.is_file():
-        return fit_styles(run.latents(), run.config.seed)
+        return fit_styles(run.latents())
     styles = read_clusters_csv(clusters)
     if any(len(style.latent) != run.config.model.latent_dim for style in styles):
         raise DataError(clusters, f"holds centroids of another dimension than this run's {run.config.model.latent_dim}-D latents")

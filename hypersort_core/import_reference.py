@@ -20,13 +20,22 @@ from pathlib import Path
 import torch
 
 from hypersort_core.atomic import atomic_write_text
-from hypersort_core.checkpoint import CHECKPOINT_NAME, CheckpointError, TrainingState, save_checkpoint
+from hypersort_core.checkpoint import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    TrainingState,
+    save_checkpoint,
+)
 from hypersort_core.config import ConfigError, TrainConfig
 from hypersort_core.data import Case, DataError, PreprocessConfig, select_labels
 from hypersort_core.data.layouts import read_manifest
 from hypersort_core.latents import write_latents_csv
 from hypersort_core.model import HyperSORT, ModelConfig
-from hypersort_core.reference import ReferenceHyperNetwork, head_key, reference_to_single_head
+from hypersort_core.reference import (
+    ReferenceHyperNetwork,
+    head_key,
+    reference_to_single_head,
+)
 from hypersort_core.train import build_optimizers, write_config
 
 PLACEHOLDER_KEY = "model.dummy_param"

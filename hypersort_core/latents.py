@@ -48,15 +48,20 @@ def read_latents_csv(path: Path) -> tuple[list[str], np.ndarray]:
     return [row["case"] for row in rows], np.array([[float(row[k]) for k in dims] for row in rows])
 
 
+def map_plane(latents: np.ndarray) -> np.ndarray:
+    """The map's two axes: z0 and z1 (z0 and 0 for one-dimensional latents)."""
+    return latents[:, :2] if latents.shape[1] >= 2 else np.column_stack([latents[:, 0], np.zeros(len(latents))])
+
+
 def plot_latent_map(run_dir: Path, case_ids: list[str], latents: np.ndarray, epoch: int) -> None:
     """The first two latent axes, coloured by norm, with the most distant cases named."""
     norm, _ = latent_scores(latents)
-    xy = latents[:, :2] if latents.shape[1] >= 2 else np.column_stack([latents[:, 0], np.zeros(len(latents))])
+    xy = map_plane(latents)
     figure, axis = plt.subplots(figsize=(5.5, 5))
     points = axis.scatter(xy[:, 0], xy[:, 1], c=norm, cmap="viridis", s=22, edgecolors="k", linewidths=0.3)
     axis.scatter([0], [0], marker="+", color="red", s=120, label="λ = 0 (main style)")
     for i in np.argsort(-norm)[:LABELLED_OUTLIERS]:
-        axis.annotate(case_ids[i], xy[i], fontsize=7, xytext=(3, 3), textcoords="offset points")
+        axis.annotate(case_ids[i], xy[i], fontsize=7, xytext=(3, 3), textcoords="offset points", parse_math=False)
     figure.colorbar(points, ax=axis, label="||λ||₂")
     axis.margins(0.18)  # room for the case names at the edges
     axis.set(xlabel="z0", ylabel="z1", title=f"latent map, epoch {epoch}", aspect="equal")

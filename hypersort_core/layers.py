@@ -8,7 +8,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hypersort_core.kernels import HEAD_SCALE, hyper_head, per_sample_conv3d, per_sample_conv_transpose3d
+from hypersort_core.kernels import (
+    HEAD_SCALE,
+    hyper_head,
+    per_sample_conv3d,
+    per_sample_conv_transpose3d,
+)
 
 
 class PerSampleConv3d(nn.Module):

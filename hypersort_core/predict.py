@@ -29,7 +29,12 @@ from hypersort_core.atomic import atomic_open
 from hypersort_core.data import DataError, PreprocessConfig
 from hypersort_core.data.layouts import NIFTI_ENDINGS, files_ending, nifti_case_id
 from hypersort_core.data.preprocess import preprocess
-from hypersort_core.data.volumes import LabelledVolume, open_nifti, read_finite_image, spatial_shape
+from hypersort_core.data.volumes import (
+    LabelledVolume,
+    open_nifti,
+    read_finite_image,
+    spatial_shape,
+)
 from hypersort_core.run import Run
 
 if TYPE_CHECKING:

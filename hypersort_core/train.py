@@ -31,7 +31,14 @@ from hypersort_core.checkpoint import (
     save_checkpoint,
 )
 from hypersort_core.config import ConfigError, TrainConfig
-from hypersort_core.data import DataError, PreparedData, TrainingSet, prepare_cases, read_dataset, select_labels
+from hypersort_core.data import (
+    DataError,
+    PreparedData,
+    TrainingSet,
+    prepare_cases,
+    read_dataset,
+    select_labels,
+)
 from hypersort_core.latents import plot_latent_map, write_latents_csv
 from hypersort_core.log import plot_progress, write_log_csv
 from hypersort_core.loss import hypersort_loss
@@ -44,6 +51,7 @@ SUM_KEYS = ("loss", "cross_entropy", "dice", "latent_l1")
 @dataclass
 class FitResult:
     run_dir: Path
+    case_ids: list[str]
     epochs_done: int
     stopped: str | None  # None (finished), "time budget" or "interrupted"
     bad_cases: list[DataError]
@@ -170,7 +178,7 @@ def fit(data: Path, run_dir: Path, config: TrainConfig, resume: bool = False, pr
     optimizers = build_optimizers(model, config, device)
     state = restore_checkpoint(payload, model, optimizers) if payload else TrainingState()
     stopped = _train(model, optimizers, state, TrainingSet(prepared), config, device, run_dir, progress)
-    return FitResult(run_dir, state.epoch, stopped, prepared.bad)
+    return FitResult(run_dir, case_ids, state.epoch, stopped, prepared.bad)
 
 
 def _train(model, optimizers, state, training_set, config, device, run_dir, progress) -> str | None:

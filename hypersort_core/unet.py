@@ -44,7 +44,9 @@ class UNet(nn.Module):
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "UNet":
         """The UNet `hsort export` wrote: safetensors weights, with its architecture in the file's metadata."""
-        from safetensors import safe_open  # imported here: the model itself needs no file format
+        from safetensors import (
+            safe_open,  # imported here: the model itself needs no file format
+        )
 
         with safe_open(path, framework="pt") as handle:
             metadata = handle.metadata() or {}

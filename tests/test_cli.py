@@ -52,6 +52,8 @@ def test_synth_then_fit_prints_where_results_are_and_the_auroc(dataset, tmp_path
     assert str(tmp_path / "run" / "latent_map.png") in result.stdout
     assert "AUROC of latent norm" in result.stdout
     assert (dataset / "perturbations.csv").is_file()
+    for analysed in ("ranking.csv", "clusters.csv", "report.html", "latent_map.html"):  # fit ends with hsort analyze
+        assert str(tmp_path / "run" / analysed) in result.stdout
 
 
 def test_kill_9_mid_run_then_resume_continues_from_the_checkpoint(dataset, tmp_path):

@@ -100,3 +100,10 @@ def test_a_new_fit_does_not_overwrite_an_existing_run_unless_asked(dataset, tmp_
     with pytest.raises(ConfigError, match="--resume continues it"):
         fit(dataset, tmp_path / "run", tiny_config(epochs=1), progress=False)
     assert fit(dataset, tmp_path / "run", tiny_config(epochs=1), progress=False, overwrite=True).epochs_done == 1
+
+
+def test_case_ids_that_look_like_math_do_not_break_the_latent_map(tmp_path):
+    from hypersort_core.latents import plot_latent_map
+
+    plot_latent_map(tmp_path, ["a $\\frac$ b", "plain"], np.array([[0.5, 0.1], [0.0, 0.0]]), epoch=1)
+    assert (tmp_path / "latent_map.png").read_bytes().startswith(b"\x89PNG")

@@ -1,0 +1,436 @@
+"""What `hsort analyze` draws: a slice picture per case, latent_map.png, and two self-contained pages,
+latent_map.html (the interactive map) and report.html (the map, the styles and a worst-first gallery).
+
+The pages work offline: CSS and JS are inline, the map's data is JSON in a script tag and every
+picture a base64 PNG data URI; a Content-Security-Policy forbids any other source, so a page cannot
+fetch anything even by mistake. Case ids and file names are untrusted text: they reach the HTML
+escaped, the JSON with '<', '>' and '&' as \\u escapes (so '</script>' cannot end the script), and
+the page's JS puts them into the DOM with textContent only.
+
+A page opened with `#case=ID` (URL-encoded) shows that case as if its point had been clicked; the
+gallery links to the map this way, and the browser test uses it.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import io
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import quote
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.colors import to_hex
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from hypersort_core.atomic import atomic_savefig, atomic_write_text
+from hypersort_core.latents import LABELLED_OUTLIERS, map_plane
+
+if TYPE_CHECKING:
+    from hypersort_core.analysis import Analysis
+
+LABEL_COLOUR = "#ffcc00"
+PREDICTION_COLOUR = "#00c8ff"
+PICTURE_DPI = 90
+
+
+def cluster_colour(cluster: int) -> str:
+    return to_hex(colormaps["tab10"](cluster % 10))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures
+
+
+def case_picture(image: np.ndarray, label: np.ndarray, prediction: np.ndarray, spacing: np.ndarray, plane_names: tuple[str, str, str]) -> bytes:
+    """PNG of three orthogonal slices through the label's centre, with the given label's and the
+    λ = 0 prediction's foreground contours on the image; `spacing` keeps anisotropic voxels true to size."""
+    image = np.asarray(image, dtype=np.float32)
+    foregrounds = (np.asarray(label) > 0, np.asarray(prediction) > 0)
+    centre = slice_centre(*foregrounds)
+    low, high = np.percentile(image, (1, 99))
+    figure = Figure(figsize=(7.2, 2.6), layout="constrained")
+    for axis, fixed, name in zip(figure.subplots(1, 3), (2, 1, 0), plane_names):
+        across, up = (dim for dim in range(3) if dim != fixed)
+        section = image_slice(image, fixed, centre[fixed])
+        axis.imshow(section, cmap="gray", vmin=low, vmax=high, origin="lower", interpolation="nearest", aspect=spacing[up] / spacing[across])
+        for foreground, colour in zip(foregrounds, (LABEL_COLOUR, PREDICTION_COLOUR)):
+            draw_contour(axis, image_slice(foreground, fixed, centre[fixed]), colour)
+        axis.set_title(f"{name}, {'xyz'[fixed]} = {centre[fixed]}", fontsize=8)
+        axis.set_axis_off()
+    legend = [Line2D([], [], color=LABEL_COLOUR, label="given label"), Line2D([], [], color=PREDICTION_COLOUR, label="λ = 0 prediction")]
+    figure.legend(handles=legend, loc="outside lower center", ncol=2, fontsize=8, frameon=False)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=PICTURE_DPI, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def image_slice(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
+    """The plane `index` across `axis`, rows along the higher remaining axis (drawn upwards)."""
+    return np.take(volume, index, axis=axis).T
+
+
+def slice_centre(label: np.ndarray, prediction: np.ndarray) -> tuple[int, int, int]:
+    """The label's centre of mass; the prediction's where the label is empty; else the volume's centre."""
+    for foreground in (label, prediction):
+        if foreground.any():
+            return tuple(int(c) for c in np.rint(np.argwhere(foreground).mean(axis=0)))
+    return tuple(side // 2 for side in label.shape)
+
+
+def draw_contour(axis, mask: np.ndarray, colour: str) -> None:
+    if 0 < mask.sum() < mask.size:  # a contour needs both sides
+        axis.contour(mask.astype(np.float32), levels=[0.5], colors=[colour], linewidths=1.2)
+
+
+def plot_cluster_map(analysis: Analysis, path: Path) -> None:
+    """latent_map.png: the latents coloured by cluster, λ = 0 marked, the most suspicious cases named."""
+    xy, clustering = map_plane(analysis.latents), analysis.clustering
+    figure = Figure(figsize=(6, 5))
+    axis = figure.subplots()
+    for cluster, size in enumerate(clustering.sizes):
+        members = clustering.members == cluster
+        axis.scatter(xy[members, 0], xy[members, 1], s=24, color=cluster_colour(cluster), edgecolors="k", linewidths=0.3, label=f"{analysis.style(cluster)} ({size})")
+    axis.scatter([0], [0], marker="+", color="red", s=120, label="λ = 0")
+    for i in analysis.ranking[:LABELLED_OUTLIERS]:
+        axis.annotate(analysis.case_ids[i], xy[i], fontsize=7, xytext=(3, 3), textcoords="offset points", parse_math=False)
+    axis.margins(0.18)  # room for the case names at the edges
+    axis.set(xlabel="z0", ylabel="z1" if analysis.latents.shape[1] > 1 else "", aspect="equal", title=f"latent map: {len(clustering.centroids)} clusters ({clustering.method})")
+    axis.legend(loc="best", fontsize=8)
+    atomic_savefig(path, figure)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pages
+
+
+def write_pages(analysis: Analysis, map_path: Path, report_path: Path) -> None:
+    atomic_write_text(map_path, latent_map_page(analysis))
+    atomic_write_text(report_path, report_page(analysis))
+
+
+def latent_map_page(analysis: Analysis) -> str:
+    return page(f"latent map · {analysis.run_dir.name}", f"<h1>Latent map of {escape(analysis.run_dir)}</h1>{run_summary(analysis)}{map_section(analysis)}")
+
+
+def report_page(analysis: Analysis) -> str:
+    flagged = analysis.ranking[: analysis.gallery]
+    return page(
+        f"review · {analysis.run_dir.name}",
+        f"<h1>Review of {escape(analysis.run_dir)}</h1>{run_summary(analysis)}"
+        f"<h2>Latent map</h2>{map_section(analysis)}"
+        f"<h2>Styles</h2>{styles_table(analysis)}"
+        f"<h2>Worst first: the {len(flagged)} most suspicious cases</h2>"
+        f'<div class="gallery">{"".join(gallery_figure(analysis, i, rank) for rank, i in enumerate(flagged, start=1))}</div>',
+    )
+
+
+def page(title: str, body: str) -> str:
+    policy = f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src '{script_hash(MAP_SCRIPT)}'"
+    return (
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta http-equiv="Content-Security-Policy" content="{policy}">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{escape(title)}</title>'
+        f"<style>{STYLE}</style></head>\n<body>{body}</body></html>\n"
+    )
+
+
+def run_summary(analysis: Analysis) -> str:
+    clustering = analysis.clustering
+    chosen = "fixed" if len(clustering.bic) == 1 else "chosen by BIC"
+    return (
+        f'<p class="meta">{len(analysis.case_ids)} training cases of {escape(analysis.data)}; '
+        f"{len(clustering.centroids)} clusters ({escape(clustering.method)}, {chosen}); "
+        "cases ranked by latent norm ‖λ‖, the paper's score; the main style is the cluster that holds λ = 0.</p>"
+    )
+
+
+def map_section(analysis: Analysis) -> str:
+    """The interactive map: an SVG scatter drawn by MAP_SCRIPT from the JSON beside it."""
+    return (
+        '<section id="map-section"><div class="map-tools"><label>colour by <select id="colour-by"></select></label> '
+        '<button id="zoom-in" title="zoom in">+</button><button id="zoom-out" title="zoom out">−</button>'
+        '<button id="zoom-reset">reset</button> <span class="hint">wheel: zoom · drag: pan · click a point: its slices</span></div>'
+        '<div class="map-row"><div><svg id="map" width="560" height="440" viewBox="0 0 560 440" role="img" aria-label="latent map"></svg><div id="legend"></div></div>'
+        '<aside id="panel"><h3 id="panel-caption">Click a point to see its case.</h3><p id="panel-style"></p>'
+        '<img id="panel-picture" alt="" hidden><table id="panel-scores"></table><p id="panel-label" class="file"></p></aside></div>'
+        '<div id="tip" hidden></div></section>'
+        f'<script type="application/json" id="map-data">{script_json(map_data(analysis))}</script>'
+        f"<script>{MAP_SCRIPT}</script>"
+    )
+
+
+def map_data(analysis: Analysis) -> dict:
+    xy, clustering, columns = map_plane(analysis.latents), analysis.clustering, analysis.columns
+    rank = np.empty(len(analysis.case_ids), dtype=int)
+    rank[analysis.ranking] = np.arange(1, len(rank) + 1)
+    return {
+        "axes": ["z0", "z1" if analysis.latents.shape[1] > 1 else ""],
+        "columns": [{"name": name, "label": analysis.describe(name)} for name in columns],
+        "styles": [{"name": analysis.style(k), "size": int(size), "colour": cluster_colour(k)} for k, size in enumerate(clustering.sizes)],
+        "cases": [
+            {
+                "id": case_id,
+                "x": float(xy[i, 0]),
+                "y": float(xy[i, 1]),
+                "cluster": int(clustering.members[i]),
+                "rank": int(rank[i]),
+                "label": analysis.label_files[i],
+                "values": [float(values[i]) for values in columns.values()],
+                "picture": data_uri(analysis.pictures[i]),
+            }
+            for i, case_id in enumerate(analysis.case_ids)
+        ],
+    }
+
+
+def styles_table(analysis: Analysis) -> str:
+    clustering, columns = analysis.clustering, analysis.columns
+    head = "".join(f"<th>{escape(analysis.describe(name))}</th>" for name in columns)
+    rows = []
+    for cluster, (size, centroid) in enumerate(zip(clustering.sizes, clustering.centroids)):
+        members = clustering.members == cluster
+        swatch = f'<span class="swatch" style="background:{cluster_colour(cluster)}"></span>'
+        means = "".join(f"<td>{values[members].mean():.3g}</td>" for values in columns.values())
+        centre = ", ".join(f"{value:.3g}" for value in centroid)
+        rows.append(f"<tr><td>{swatch}{escape(analysis.style(cluster))}</td><td>{cluster}</td><td>{size}</td><td>({centre})</td>{means}</tr>")
+    return f'<table class="styles"><tr><th>style</th><th>cluster</th><th>cases</th><th>centroid</th>{head}</tr>{"".join(rows)}</table><p class="meta">Score columns are means over the cluster\'s cases.</p>'
+
+
+def gallery_figure(analysis: Analysis, i: int, rank: int) -> str:
+    case_id, cluster = analysis.case_ids[i], int(analysis.clustering.members[i])
+    scores = " · ".join(f"{escape(analysis.describe(name))} {values[i]:.3g}" for name, values in analysis.columns.items() if name != "dice_lambda0")
+    return (
+        f'<figure><figcaption><span class="rank">#{rank}</span> <b>{escape(case_id)}</b> · {escape(analysis.style(cluster))} · '
+        f"{escape(analysis.describe('dice_lambda0'))} {analysis.dice[i]:.3f} · "
+        f'<a href="#case={escape(quote(case_id, safe=""))}">show on the map</a><div>{scores}</div>'
+        f'<div class="file">{escape(analysis.label_files[i])}</div></figcaption>'
+        f'<img src="{data_uri(analysis.pictures[i])}" alt="slices of {escape(case_id)}"></figure>'
+    )
+
+
+def escape(text) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def script_json(data: dict) -> str:
+    """JSON that is safe inside a <script> element: no '<', '>' or '&' survives as itself."""
+    return json.dumps(data, separators=(",", ":")).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def script_hash(script: str) -> str:
+    """The CSP source that allows exactly this inline script (and so no injected one)."""
+    return "sha256-" + base64.b64encode(hashlib.sha256(script.encode()).digest()).decode("ascii")
+
+
+STYLE = """
+body{font:14px/1.4 system-ui,sans-serif;color:#222;max-width:1180px;margin:1.2em auto;padding:0 1em}
+h1{font-size:1.35em;word-break:break-all}h2{font-size:1.1em;margin-top:1.6em;border-bottom:1px solid #ddd}
+.meta{color:#555}.hint{color:#777;font-size:12px}.file{font:11px monospace;color:#666;word-break:break-all}
+.map-tools{margin:.4em 0}.map-tools button{min-width:2.2em}
+.map-row{display:flex;gap:1em;align-items:flex-start;flex-wrap:wrap}
+#map{border:1px solid #ccc;background:#fff;cursor:grab;touch-action:none;user-select:none;max-width:100%;height:auto}
+#map .frame{fill:none;stroke:#999}#map .grid{stroke:#eee}#map .zero{stroke:#aaa;stroke-dasharray:4 3}
+#map text{font-size:10px;fill:#555}#map .origin{stroke:#d62728;stroke-width:2}
+#map .point{stroke:#222;stroke-width:.6;cursor:pointer}#map .point:hover{stroke-width:2}
+#map .point.selected{stroke:#d62728;stroke-width:2.5}
+#legend{display:flex;gap:.8em;flex-wrap:wrap;align-items:center;font-size:12px;margin-top:.3em}
+#legend .key::before,.swatch{content:"";display:inline-block;width:10px;height:10px;border-radius:50%;border:1px solid #222;margin-right:4px;background:var(--colour)}
+#legend .ramp{width:120px;height:10px;background:linear-gradient(90deg,#440154,#3b528b,#21918c,#5ec962,#fde725)}
+#panel{flex:1;min-width:320px}#panel h3{margin:.2em 0;word-break:break-all}#panel img{max-width:100%;border:1px solid #ccc}
+#panel th{text-align:left;font-weight:normal;color:#555;padding-right:1em}
+#tip{position:absolute;pointer-events:none;background:#fffffff2;border:1px solid #999;padding:4px 6px;font-size:12px;box-shadow:0 1px 4px #0003}
+table.styles{border-collapse:collapse}table.styles td,table.styles th{padding:3px 8px;border-bottom:1px solid #eee;text-align:right}
+table.styles td:first-child{text-align:left;white-space:nowrap}
+.gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(520px,1fr));gap:1em}
+.gallery figure{margin:0;border:1px solid #ddd;padding:.5em}.gallery img{width:100%}.gallery b{word-break:break-all}
+.rank{color:#d62728;font-weight:bold}
+"""
+
+MAP_SCRIPT = """
+(() => {
+  "use strict";
+  const data = JSON.parse(document.getElementById("map-data").textContent);
+  const SVG = "http://www.w3.org/2000/svg", W = 560, H = 440, M = 34;
+  const VIRIDIS = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];
+  const $ = (id) => document.getElementById(id);
+  const svg = $("map"), tip = $("tip"), colourBy = $("colour-by"), legend = $("legend");
+  const format = (value) => String(Number(Number(value).toPrecision(3)));
+
+  function svgNode(name, attributes, parent) {
+    const node = document.createElementNS(SVG, name);
+    for (const [key, value] of Object.entries(attributes)) node.setAttribute(key, value);
+    parent.appendChild(node);
+    return node;
+  }
+  function textNode(tag, text, parent, className) {
+    const node = document.createElement(tag);
+    node.textContent = text;
+    if (className) node.className = className;
+    parent.appendChild(node);
+    return node;
+  }
+
+  // The view: the data point at the plot's centre and data units per pixel, the same on both axes.
+  function fullView() {
+    const xs = data.cases.map((c) => c.x).concat(0), ys = data.cases.map((c) => c.y).concat(0);
+    const [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
+    const scale = 1.2 * Math.max((x1 - x0) / (W - 2 * M), (y1 - y0) / (H - 2 * M)) || 0.01;
+    return { cx: (x0 + x1) / 2, cy: (y0 + y1) / 2, scale };
+  }
+  let view = fullView();
+  const toX = (x) => W / 2 + (x - view.cx) / view.scale;
+  const toY = (y) => H / 2 - (y - view.cy) / view.scale;
+
+  function ticks(low, high) {
+    const raw = (high - low) / 5, power = 10 ** Math.floor(Math.log10(raw));
+    const step = [1, 2, 5, 10].map((f) => f * power).find((s) => s >= raw);
+    const values = [];
+    for (let t = Math.ceil(low / step) * step; t <= high; t += step) values.push(Number(t.toPrecision(12)));
+    return values;
+  }
+
+  const axes = svgNode("g", {}, svg);
+  svgNode("rect", { x: M, y: M, width: W - 2 * M, height: H - 2 * M }, svgNode("clipPath", { id: "plot-area" }, svg));
+  const layer = svgNode("g", { "clip-path": "url(#plot-area)" }, svg);
+  const origin = svgNode("path", { class: "origin" }, layer);
+  const points = data.cases.map((c, i) => {
+    const point = svgNode("circle", { r: 5, class: "point" }, layer);
+    point.addEventListener("mouseenter", (event) => showTip(i, event));
+    point.addEventListener("mousemove", moveTip);
+    point.addEventListener("mouseleave", () => { tip.hidden = true; });
+    point.addEventListener("click", () => { if (!dragged) show(i); });
+    return point;
+  });
+
+  function render() {
+    axes.replaceChildren();
+    svgNode("rect", { x: M, y: M, width: W - 2 * M, height: H - 2 * M, class: "frame" }, axes);
+    const half = [(W / 2 - M) * view.scale, (H / 2 - M) * view.scale];
+    for (const t of ticks(view.cx - half[0], view.cx + half[0])) {
+      svgNode("line", { x1: toX(t), x2: toX(t), y1: M, y2: H - M, class: t === 0 ? "zero" : "grid" }, axes);
+      svgNode("text", { x: toX(t), y: H - M + 13, "text-anchor": "middle" }, axes).textContent = format(t);
+    }
+    for (const t of ticks(view.cy - half[1], view.cy + half[1])) {
+      svgNode("line", { x1: M, x2: W - M, y1: toY(t), y2: toY(t), class: t === 0 ? "zero" : "grid" }, axes);
+      svgNode("text", { x: M - 4, y: toY(t) + 3, "text-anchor": "end" }, axes).textContent = format(t);
+    }
+    svgNode("text", { x: W / 2, y: H - 4, "text-anchor": "middle" }, axes).textContent = data.axes[0];
+    svgNode("text", { x: 10, y: H / 2, transform: `rotate(-90 10 ${H / 2})`, "text-anchor": "middle" }, axes).textContent = data.axes[1];
+    origin.setAttribute("d", `M${toX(0) - 7},${toY(0)}h14M${toX(0)},${toY(0) - 7}v14`);
+    points.forEach((point, i) => {
+      point.setAttribute("cx", toX(data.cases[i].x));
+      point.setAttribute("cy", toY(data.cases[i].y));
+    });
+  }
+
+  function viridis(t) {
+    const at = Math.min(Math.max(t, 0), 1) * (VIRIDIS.length - 1), k = Math.min(Math.floor(at), VIRIDIS.length - 2);
+    const mix = VIRIDIS[k].map((v, j) => Math.round(v + (VIRIDIS[k + 1][j] - v) * (at - k)));
+    return `rgb(${mix.join(",")})`;
+  }
+  function recolour() {
+    legend.replaceChildren();
+    if (colourBy.value === "cluster") {
+      points.forEach((point, i) => point.setAttribute("fill", data.styles[data.cases[i].cluster].colour));
+      for (const style of data.styles) textNode("span", `${style.name} (${style.size})`, legend, "key").style.setProperty("--colour", style.colour);
+      return;
+    }
+    const column = Number(colourBy.value), values = data.cases.map((c) => c.values[column]);
+    const low = Math.min(...values), high = Math.max(...values);
+    points.forEach((point, i) => point.setAttribute("fill", viridis((values[i] - low) / (high - low || 1))));
+    textNode("span", format(low), legend);
+    textNode("span", "", legend, "ramp");
+    textNode("span", `${format(high)}  ${data.columns[column].label}`, legend);
+  }
+
+  function describe(i) {
+    const c = data.cases[i];
+    return [`${data.styles[c.cluster].name} (cluster ${c.cluster}) · rank ${c.rank} of ${data.cases.length}`,
+      ...data.columns.map((column, k) => `${column.label}: ${format(c.values[k])}`)];
+  }
+  function showTip(i, event) {
+    tip.replaceChildren();
+    textNode("b", data.cases[i].id, tip);
+    for (const line of describe(i)) textNode("div", line, tip);
+    tip.hidden = false;
+    moveTip(event);
+  }
+  function moveTip(event) {
+    tip.style.left = `${event.pageX + 14}px`;
+    tip.style.top = `${event.pageY + 14}px`;
+  }
+  function show(i) {
+    const c = data.cases[i], [style, ...scores] = describe(i), picture = $("panel-picture");
+    points.forEach((point, k) => point.classList.toggle("selected", k === i));
+    $("panel-caption").textContent = c.id;
+    $("panel-style").textContent = style;
+    picture.src = c.picture;
+    picture.alt = `slices of ${c.id}`;
+    picture.hidden = false;
+    const table = $("panel-scores");
+    table.replaceChildren();
+    for (const line of scores) {
+      const row = document.createElement("tr"), split = line.lastIndexOf(": ");
+      textNode("th", line.slice(0, split), row);
+      textNode("td", line.slice(split + 2), row);
+      table.appendChild(row);
+    }
+    $("panel-label").textContent = `label: ${c.label}`;
+  }
+
+  function zoom(factor, px = W / 2, py = H / 2) {
+    const x = view.cx + (px - W / 2) * view.scale, y = view.cy - (py - H / 2) * view.scale;  // stays under the cursor
+    view.scale *= factor;
+    view.cx = x - (px - W / 2) * view.scale;
+    view.cy = y + (py - H / 2) * view.scale;
+    render();
+  }
+  function svgPoint(event) {
+    const box = svg.getBoundingClientRect();
+    return [(event.clientX - box.left) * W / box.width, (event.clientY - box.top) * H / box.height];
+  }
+  let drag = null, dragged = false;
+  svg.addEventListener("wheel", (event) => { event.preventDefault(); zoom(event.deltaY < 0 ? 1 / 1.2 : 1.2, ...svgPoint(event)); }, { passive: false });
+  svg.addEventListener("pointerdown", (event) => { drag = { start: svgPoint(event), cx: view.cx, cy: view.cy }; dragged = false; });
+  window.addEventListener("pointermove", (event) => {
+    if (!drag) return;
+    const [px, py] = svgPoint(event), dx = px - drag.start[0], dy = py - drag.start[1];
+    dragged = dragged || Math.hypot(dx, dy) > 3;
+    if (!dragged) return;
+    view.cx = drag.cx - dx * view.scale;
+    view.cy = drag.cy + dy * view.scale;
+    tip.hidden = true;
+    render();
+  });
+  window.addEventListener("pointerup", () => { drag = null; });
+  $("zoom-in").addEventListener("click", () => zoom(1 / 1.5));
+  $("zoom-out").addEventListener("click", () => zoom(1.5));
+  $("zoom-reset").addEventListener("click", () => { view = fullView(); render(); });
+
+  colourBy.append(new Option("cluster", "cluster"), ...data.columns.map((column, k) => new Option(column.label, String(k))));
+  colourBy.addEventListener("change", recolour);
+
+  function openFromHash() {  // #case=ID shows that case as a click on its point would
+    const match = /^#case=(.*)$/.exec(location.hash);
+    let id = null;
+    try { id = match && decodeURIComponent(match[1]); } catch { return; }
+    const i = data.cases.findIndex((c) => c.id === id);
+    if (i < 0) return;
+    points[i].dispatchEvent(new MouseEvent("click", { bubbles: true }));
+    $("map-section").scrollIntoView();
+  }
+  window.addEventListener("hashchange", openFromHash);
+  recolour();
+  render();
+  openFromHash();
+})();
+"""

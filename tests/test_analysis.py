@@ -1,0 +1,165 @@
+"""`hsort analyze`: scores, clusters and the worst-first ranking, on latents with a known answer and
+on a trained run."""
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cli_checks import assert_one_line_error
+from click.testing import CliRunner
+from hypersort_core.cli.analyze import analyze
+
+from hypersort_core.analysis import analyze_run, find_clusters
+from hypersort_core.baselines import scored_roi
+from hypersort_core.config import ConfigError
+from hypersort_core.evaluate import read_clusters_csv
+from hypersort_core.latents import latent_scores
+from hypersort_core.run import load_run
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def two_styles_and_two_outliers() -> np.ndarray:
+    """A small main style at 0, a larger second style at (1, 0), and two isolated cases (the last two)."""
+    rng = np.random.default_rng(1)
+    return np.vstack([rng.normal(0, 0.05, (12, 2)), rng.normal((1, 0), 0.1, (20, 2)), [[0, 1.5], [-1, -1]]])
+
+
+@pytest.mark.parametrize("method", ["gmm", "kmeans"])
+def test_bic_finds_the_styles_and_the_main_one_holds_zero(method):
+    latents = two_styles_and_two_outliers()
+    clustering = find_clusters(latents, method=method)
+
+    assert set(clustering.bic) == {1, 2, 3, 4, 5, 6}
+    assert clustering.sizes.tolist() == [12, 20, 1, 1]  # the main style first, though smaller; then by size
+    assert len(set(clustering.members[:12])) == 1 and clustering.members[0] == 0
+    assert set(clustering.members[12:32]) == {1}
+    assert np.linalg.norm(clustering.centroids[0]) < 0.05
+    assert clustering.centroids[1] == pytest.approx([1, 0], abs=0.1)
+
+
+@pytest.mark.parametrize("method", ["gmm", "kmeans"])
+def test_the_density_score_flags_cases_that_sit_alone(method):
+    """Each isolated case is its own cluster, yet scores higher than every case of a style."""
+    clustering = find_clusters(two_styles_and_two_outliers(), method=method)
+    assert clustering.density_name == {"gmm": "nll", "kmeans": "centroid_dist"}[method]
+    assert set(np.argsort(-clustering.density)[:2]) == {32, 33}
+
+
+def test_cases_of_one_style_form_one_cluster():
+    """BIC does not split a single Gaussian cloud, however it falls."""
+    for seed in range(5):
+        assert len(find_clusters(np.random.default_rng(seed).normal(size=(30, 2))).centroids) == 1
+
+
+def test_clusters_are_the_same_on_every_call_and_can_be_fixed():
+    latents = two_styles_and_two_outliers()
+    first, second = find_clusters(latents), find_clusters(latents)
+    assert np.array_equal(first.members, second.members) and np.array_equal(first.density, second.density)
+
+    fixed = find_clusters(latents, clusters=2)
+    assert list(fixed.bic) == [2] and len(fixed.centroids) == 2
+    assert fixed.members[0] == 0
+
+
+@pytest.mark.parametrize("latents, clusters, message", [
+    (np.zeros((1, 2)), None, "2 cases at least"),
+    (two_styles_and_two_outliers(), 40, "choose 1 to 34"),
+    (np.zeros((5, 2)), 2, "5 latents lie at 1 distinct points"),
+])
+def test_impossible_clusterings_are_refused_with_the_reason(latents, clusters, message):
+    with pytest.raises(ConfigError, match=message):
+        find_clusters(latents, clusters)
+
+
+def test_latents_collapsed_to_one_point_form_one_main_style():
+    clustering = find_clusters(np.zeros((5, 2)))
+    assert clustering.sizes.tolist() == [5] and np.all(np.isfinite(clustering.density))
+
+
+# ---------------------------------------------------------------------------------------------
+# On a trained run
+
+
+@pytest.fixture(scope="module")
+def analyzed(trained_run, tmp_path_factory):
+    run_dir = Path(shutil.copytree(trained_run, tmp_path_factory.mktemp("analysis") / "run"))
+    return analyze_run(run_dir, gallery=3, progress=False)
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_ranking_lists_every_case_once_by_latent_norm_with_its_scores(analyzed, trained_run):
+    run = load_run(trained_run)
+    rows = read_rows(analyzed.run_dir / "ranking.csv")
+
+    assert sorted(row["case"] for row in rows) == sorted(run.case_ids)
+    assert [int(row["rank"]) for row in rows] == list(range(1, len(rows) + 1))
+    norm, mean_dist = latent_scores(run.latents())
+    by_case = dict(zip(run.case_ids, zip(norm, mean_dist)))
+    assert [float(row["norm"]) for row in rows] == pytest.approx(sorted(norm, reverse=True), rel=1e-5)
+    for row in rows:
+        assert float(row["mean_dist"]) == pytest.approx(by_case[row["case"]][1], rel=1e-5)
+        assert float(row["nll"]) == pytest.approx(analyzed.columns["nll"][run.case_ids.index(row["case"])], rel=1e-5)
+        assert 0 <= float(row["dice_lambda0"]) <= 1
+        assert row["style"] == ("main" if row["cluster"] == "0" else f"style {row['cluster']}")
+        assert Path(row["label"]).is_file() and row["case"] in Path(row["label"]).name
+
+
+def test_dice_compares_the_given_label_with_the_main_style_prediction(analyzed, trained_run):
+    run = load_run(trained_run)
+    case = run.prepared().cases[0]
+    image, label = scored_roi(case, run.config.preprocess)
+    prediction = run.segment(image, np.zeros(run.config.model.latent_dim)) > 0
+    given = np.asarray(label) > 0
+    dice = 2 * (prediction & given).sum() / (prediction.sum() + given.sum())
+    assert analyzed.dice[run.case_ids.index(case.case_id)] == pytest.approx(dice)
+
+
+def test_clusters_csv_names_the_main_style_and_is_what_predict_reads(analyzed):
+    rows = read_rows(analyzed.run_dir / "clusters.csv")
+    styles = read_clusters_csv(analyzed.run_dir / "clusters.csv")
+
+    assert [row["style"] for row in rows] == ["main", *[f"style {k}" for k in range(1, len(rows))]]
+    assert [row["main"] for row in rows] == ["1"] + ["0"] * (len(rows) - 1)
+    assert sum(style.size for style in styles) == len(analyzed.case_ids)
+    assert np.allclose([style.latent for style in styles], analyzed.clustering.centroids, rtol=1e-5)
+    for cluster, row in enumerate(rows):
+        members = analyzed.clustering.members == cluster
+        assert float(row["norm_mean"]) == pytest.approx(analyzed.columns["norm"][members].mean(), rel=1e-5)
+
+
+def test_latents_csv_gains_a_cluster_column_and_keeps_the_rest(analyzed, trained_run):
+    before = read_rows(trained_run / "latents.csv")
+    after = read_rows(analyzed.run_dir / "latents.csv")
+    assert [{k: v for k, v in row.items() if k != "cluster"} for row in after] == before
+    cluster_of = dict(zip(analyzed.case_ids, analyzed.clustering.members))
+    assert [int(row["cluster"]) for row in after] == [cluster_of[row["case"]] for row in after]
+
+
+def test_cli_prints_the_clusters_the_worst_cases_and_every_file(trained_run, tmp_path):
+    run_dir = Path(shutil.copytree(trained_run, tmp_path / "run"))
+    analyze_run(run_dir, clusters=1, gallery=0, progress=False)  # the command replaces an earlier analysis
+    result = CliRunner().invoke(analyze, [str(run_dir), "--method", "kmeans", "--clusters", "2", "--gallery", "2", "--quiet"])
+
+    assert result.exit_code == 0, result.output
+    assert "2 clusters (kmeans), fixed by --clusters" in result.output
+    assert "main" in result.output and "centroid_dist" in result.output
+    top = read_rows(run_dir / "ranking.csv")[0]
+    assert any(line.split()[:2] == ["1", top["case"]] for line in result.output.splitlines())
+    for name in ("ranking.csv", "clusters.csv", "latent_map.png", "latent_map.html", "report.html"):
+        assert str(run_dir / name) in result.output and (run_dir / name).stat().st_size > 0
+    latents = read_rows(run_dir / "latents.csv")
+    assert list(latents[0]).count("cluster") == 1 and {row["cluster"] for row in latents} == {"0", "1"}
+
+
+def test_cli_refuses_bad_input_in_one_line(trained_run, tmp_path):
+    run_dir = Path(shutil.copytree(trained_run, tmp_path / "run"))
+    runner = CliRunner()
+    assert_one_line_error(runner.invoke(analyze, [str(run_dir), "--clusters", "99", "--quiet"]), "--clusters 99")
+    assert_one_line_error(runner.invoke(analyze, [str(tmp_path), "--quiet"]), tmp_path)
+    assert not (run_dir / "ranking.csv").exists()
