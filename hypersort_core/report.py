@@ -26,6 +26,7 @@ from matplotlib import colormaps
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from scipy import ndimage
 
 from hypersort_core.atomic import atomic_savefig, atomic_write_text
 from hypersort_core.latents import LABELLED_OUTLIERS, map_plane
@@ -46,13 +47,22 @@ def cluster_colour(cluster: int) -> str:
 # Pictures
 
 
+def around_foreground(label: np.ndarray, prediction: np.ndarray, margin: int = 2) -> np.ndarray:
+    """Both foregrounds grown by `margin` voxels: the window of grey values is set there, so the organ and
+    the tissue that touches it keep their contrast instead of being flattened by air and bone."""
+    union = label | prediction
+    if not union.any():
+        return np.ones_like(union)
+    return ndimage.binary_dilation(union, iterations=margin)
+
+
 def case_picture(image: np.ndarray, label: np.ndarray, prediction: np.ndarray, spacing: np.ndarray, plane_names: tuple[str, str, str]) -> bytes:
     """PNG of three orthogonal slices through the label's centre, with the given label's and the
     λ = 0 prediction's foreground contours on the image; `spacing` keeps anisotropic voxels true to size."""
     image = np.asarray(image, dtype=np.float32)
     foregrounds = (np.asarray(label) > 0, np.asarray(prediction) > 0)
     centre = slice_centre(*foregrounds)
-    low, high = np.percentile(image, (1, 99))
+    low, high = np.percentile(image[around_foreground(*foregrounds)], (1, 99))
     figure = Figure(figsize=(7.2, 2.6), layout="constrained")
     for axis, fixed, name in zip(figure.subplots(1, 3), (2, 1, 0), plane_names):
         across, up = (dim for dim in range(3) if dim != fixed)

@@ -118,7 +118,8 @@ class _StopFlag:
 
 
 def write_config(run_dir: Path, config: TrainConfig, data: Path, case_ids: list[str]) -> None:
-    payload = {"version": __version__, "data": str(data), **config.to_dict(), "cases": case_ids}
+    # Absolute, so that later commands find the dataset from any working directory.
+    payload = {"version": __version__, "data": str(Path(data).resolve()), **config.to_dict(), "cases": case_ids}
     atomic_write_text(run_dir / CONFIG_NAME, json.dumps(payload, indent=2) + "\n")
 
 

@@ -139,3 +139,13 @@ def test_the_latent_map_png_names_cases_whatever_characters_they_hold(hostile, t
     """A case id like 'price $\\frac$ 5' is not read as a broken formula."""
     plot_cluster_map(hostile, tmp_path / "latent_map.png")
     assert (tmp_path / "latent_map.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_grey_window_is_set_around_the_labelled_organ_not_the_whole_volume():
+    from hypersort_core.report import around_foreground
+
+    label = np.zeros((20, 20, 20), bool)
+    label[8:12, 9:11, 5:15] = True
+    region = around_foreground(label, np.zeros_like(label))
+    assert region[label].all() and region[6, 10, 10] and not region[5, 10, 10] and not region[0, 0, 0]
+    assert around_foreground(np.zeros_like(label), np.zeros_like(label)).all()

@@ -107,3 +107,12 @@ def test_case_ids_that_look_like_math_do_not_break_the_latent_map(tmp_path):
 
     plot_latent_map(tmp_path, ["a $\\frac$ b", "plain"], np.array([[0.5, 0.1], [0.0, 0.0]]), epoch=1)
     assert (tmp_path / "latent_map.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_run_made_from_a_relative_dataset_path_is_usable_from_any_directory(dataset, tmp_path, monkeypatch):
+    from hypersort_core.run import load_run
+
+    monkeypatch.chdir(dataset.parent)
+    fit(dataset.name, tmp_path / "run", tiny_config(epochs=1), progress=False)
+    monkeypatch.chdir(tmp_path)
+    assert [case.case_id for case in load_run(tmp_path / "run", "cpu").prepared().cases] == [f"synth_{i:03d}" for i in range(7)]
