@@ -95,6 +95,23 @@ def _unsupported(tensors: tuple[torch.Tensor | None, ...], stride: Triple, paddi
     return None
 
 
+def _run(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: IntOr3, padding: IntOr3) -> torch.Tensor:
+    """Check, then run the Triton Function of `op` where it applies and the reference otherwise."""
+    transposed = op == "per_sample_conv_transpose3d"
+    _check_batched(x, weight, bias, cin_dim=1 if transposed else 2)
+    stride3, padding3 = _triple(stride), _triple(padding)
+    output_size = conv_transpose_output_size if transposed else conv_output_size
+    out_size = output_size(tuple(x.shape[2:]), tuple(weight.shape[3:]), stride3, padding3)
+    cast = autocast_inputs(x, weight, bias)
+    if triton_runs(op, [x, weight], _unsupported(cast, stride3, padding3, out_size)):
+        from . import per_sample_conv3d_triton as kernels
+
+        function = kernels.PerSampleConvTranspose3dFunction if transposed else kernels.PerSampleConv3dFunction
+        return function.apply(*cast, stride3, padding3)
+    reference = per_sample_conv_transpose3d_reference if transposed else per_sample_conv3d_reference
+    return reference(x, weight, bias, stride, padding)
+
+
 def per_sample_conv3d(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -103,15 +120,7 @@ def per_sample_conv3d(
     padding: IntOr3 = 0,
 ) -> torch.Tensor:
     """Per-sample Conv3d; the stable entry point the UNet is written against."""
-    _check_batched(x, weight, bias, cin_dim=2)
-    stride3, padding3 = _triple(stride), _triple(padding)
-    out_size = conv_output_size(tuple(x.shape[2:]), tuple(weight.shape[3:]), stride3, padding3)
-    cast = autocast_inputs(x, weight, bias)
-    if triton_runs("per_sample_conv3d", [x, weight], _unsupported(cast, stride3, padding3, out_size)):
-        from .per_sample_conv3d_triton import PerSampleConv3dFunction
-
-        return PerSampleConv3dFunction.apply(*cast, stride3, padding3)
-    return per_sample_conv3d_reference(x, weight, bias, stride, padding)
+    return _run("per_sample_conv3d", x, weight, bias, stride, padding)
 
 
 def per_sample_conv_transpose3d(
@@ -122,12 +131,4 @@ def per_sample_conv_transpose3d(
     padding: IntOr3 = 0,
 ) -> torch.Tensor:
     """Per-sample ConvTranspose3d; the stable entry point the UNet is written against."""
-    _check_batched(x, weight, bias, cin_dim=1)
-    stride3, padding3 = _triple(stride), _triple(padding)
-    out_size = conv_transpose_output_size(tuple(x.shape[2:]), tuple(weight.shape[3:]), stride3, padding3)
-    cast = autocast_inputs(x, weight, bias)
-    if triton_runs("per_sample_conv_transpose3d", [x, weight], _unsupported(cast, stride3, padding3, out_size)):
-        from .per_sample_conv3d_triton import PerSampleConvTranspose3dFunction
-
-        return PerSampleConvTranspose3dFunction.apply(*cast, stride3, padding3)
-    return per_sample_conv_transpose3d_reference(x, weight, bias, stride, padding)
+    return _run("per_sample_conv_transpose3d", x, weight, bias, stride, padding)

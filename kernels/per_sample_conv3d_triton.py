@@ -78,6 +78,16 @@ def _dot(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _store_output_tile(acc, bias_ptr, y_ptr, pid_b, od, oh, ow, cols, row_ok, col_ok,
+                       stride_bb, stride_bn, stride_yb, stride_yd, stride_yh, stride_yw, stride_yc, HAS_BIAS: tl.constexpr):
+    """The forward kernels' epilogue: add the sample's bias to the fp32 tile and store it in y's dtype."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + pid_b * stride_bb + cols * stride_bn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    y_offsets = pid_b * stride_yb + (od * stride_yd + oh * stride_yh + ow * stride_yw)[:, None] + (cols * stride_yc)[None, :]
+    tl.store(y_ptr + y_offsets, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
 def _per_sample_conv3d_forward_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr,
     C_IN, D_IN, H_IN, W_IN,
@@ -113,10 +123,8 @@ def _per_sample_conv3d_forward_kernel(
                     mask=(ks < K)[:, None] & col_ok[None, :], other=0.0)
         acc = _dot(a, w, acc, INPUT_PRECISION, UPCAST)
 
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + pid_b * stride_bb + cols * stride_bn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    y_offsets = pid_b * stride_yb + (od * stride_yd + oh * stride_yh + ow * stride_yw)[:, None] + (cols * stride_yc)[None, :]
-    tl.store(y_ptr + y_offsets, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    _store_output_tile(acc, bias_ptr, y_ptr, pid_b, od, oh, ow, cols, row_ok, col_ok,
+                       stride_bb, stride_bn, stride_yb, stride_yd, stride_yh, stride_yw, stride_yc, HAS_BIAS)
 
 
 @triton.jit
@@ -196,10 +204,8 @@ def _per_sample_conv_transpose3d_forward_kernel(
                      mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = _dot(a, wt, acc, INPUT_PRECISION, UPCAST)
 
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + pid_b * stride_bb + cols * stride_bn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    y_offsets = pid_b * stride_yb + (od * stride_yd + oh * stride_yh + ow * stride_yw)[:, None] + (cols * stride_yc)[None, :]
-    tl.store(y_ptr + y_offsets, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    _store_output_tile(acc, bias_ptr, y_ptr, pid_b, od, oh, ow, cols, row_ok, col_ok,
+                       stride_bb, stride_bn, stride_yb, stride_yd, stride_yh, stride_yw, stride_yc, HAS_BIAS)
 
 
 @triton.jit
