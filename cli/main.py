@@ -67,9 +67,11 @@ def synth(out: Path, cases: int, size: int, perturbed: float, seed: int) -> None
 def fit(data: Path, run_dir: Path, preset: str, resume: bool, overwrite: bool, no_analyze: bool, quiet: bool, **options) -> None:
     """Train HyperSORT on DATA, write the run folder --out, then analyze it."""
     from hypersort_core.analysis import analyze_run, format_summary
+    from hypersort_core.check import check_dataset
     from hypersort_core.train import fit as fit_run
 
     config = _resume_config(run_dir, options) if resume else _new_config(preset, options)
+    _check_first(check_dataset(data, config.layout, config.label), config.skip_bad)
     result = fit_run(data, run_dir, config, resume=resume, progress=not quiet, overwrite=overwrite)
     if result.stopped == "interrupted":
         _print_fit_summary(result, data)
@@ -108,6 +110,14 @@ def _resume_config(run_dir: Path, options: dict):
         raise FileNotFoundError(f"{run_dir}: no config.json, so nothing to resume")
     config, _ = read_config(run_dir)
     return config.with_overrides(**{k: options[k] for k in RESUMABLE_OPTIONS})
+
+
+def _check_first(report, skip_bad: bool) -> None:
+    """`hsort check` before training: warnings are listed once, errors stop the run unless --skip-bad."""
+    for issue in report.warnings:
+        click.echo(f"warning: {issue}", err=True)
+    if not skip_bad:
+        report.raise_on_errors()
 
 
 def _print_fit_summary(result, data: Path) -> None:
@@ -150,10 +160,11 @@ def bench(out: Path, **options) -> None:
 def _register_commands() -> None:
     """The commands that work on a finished run live in their own modules."""
     from hypersort_core.cli.analyze import analyze
+    from hypersort_core.cli.check import check
     from hypersort_core.cli.evaluate import evaluate
     from hypersort_core.cli.predict import correct, export, import_reference, predict
 
-    for command in (analyze, predict, correct, export, import_reference, evaluate):
+    for command in (check, analyze, predict, correct, export, import_reference, evaluate):
         main.add_command(command)
 
 

@@ -118,3 +118,13 @@ def test_roi_that_the_unet_cannot_halve_is_refused(tmp_path):
     root = write_nnunet(tmp_path / "data")
     result = run_fit(root, "--out", tmp_path / "run", *FAST[:-1], "--roi", "10")
     assert result.exit_code == 2 and "multiple of 4" in result.stderr
+
+
+def test_fit_runs_the_dataset_check_first_and_lists_its_warnings_once(tmp_path):
+    root = write_nnunet(tmp_path / "data", n_cases=3)
+    write_nifti(label_of(root), np.zeros((12, 12, 12), np.uint8))  # an empty label: a warning, not an error
+    result = run_fit(root, "--out", tmp_path / "run", *FAST, "--no-analyze")
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1
+    assert str(label_of(root)) in warnings[0]
