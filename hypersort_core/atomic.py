@@ -10,8 +10,12 @@ from typing import IO
 
 
 @contextlib.contextmanager
-def atomic_open(path: Path | str, mode: str = "w") -> Iterator[IO]:
-    """Open a temporary file beside `path`; on success fsync it and rename it over `path`."""
+def atomic_open(path: Path | str, mode: str = "w", previous: Path | str | None = None) -> Iterator[IO]:
+    """Open a temporary file beside `path`; on success fsync it and rename it over `path`.
+
+    With `previous`, the old `path` is first renamed to `previous`: the new file is complete on
+    disk before either rename, so at every moment `path` or `previous` is a complete file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -21,10 +25,14 @@ def atomic_open(path: Path | str, mode: str = "w") -> Iterator[IO]:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        if previous is not None and path.exists():
+            os.replace(path, previous)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(error, OSError) and error.filename is None:
+            error.filename = str(path)  # a failed write() names no file; the user needs to know which
         raise
     _fsync_directory(path.parent)
 

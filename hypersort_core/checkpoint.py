@@ -3,10 +3,14 @@
 Model (hyper-network and latent table), both optimizers, the position inside
 the epoch (its case order and step), the running loss sums, the per-epoch log
 and the RNG state.  Written atomically; loaded with `weights_only=True`, so a
-checkpoint can never execute code.
+checkpoint can never execute code.  The two newest are kept (checkpoint.pt and
+checkpoint.prev.pt), so a newest one damaged on disk still leaves a run to resume.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -15,11 +19,14 @@ import torch
 from hypersort_core.atomic import atomic_open
 
 CHECKPOINT_NAME = "checkpoint.pt"
+PREVIOUS_CHECKPOINT_NAME = "checkpoint.prev.pt"
+DAMAGED_CHECKPOINT_NAME = "checkpoint.damaged.pt"
 FORMAT_VERSION = 1
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 class CheckpointError(Exception):
-    """A checkpoint that is missing, damaged or belongs to another dataset."""
+    """A checkpoint that is missing, damaged, belongs to another dataset, or cannot be written."""
 
 
 @dataclass
@@ -32,6 +39,9 @@ class TrainingState:
     epoch_sums: dict[str, float] = field(default_factory=dict)
     log_rows: list[dict] = field(default_factory=list)
     elapsed_seconds: float = 0.0
+    skipped_in_epoch: int = 0  # steps skipped this epoch for a NaN or Inf loss
+    skipped_in_a_row: int = 0
+    unreadable_cases: list[int] = field(default_factory=list)  # left out of training since their cache became unreadable
 
 
 def _rng_state() -> dict:
@@ -48,7 +58,10 @@ def _restore_rng(state: dict) -> None:
 
 
 def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizers: dict[str, torch.optim.Optimizer], state: TrainingState) -> Path:
-    """Write run_dir/checkpoint.pt atomically (temporary file, fsync, rename)."""
+    """Write run_dir/checkpoint.pt atomically, the one it replaces becoming checkpoint.prev.pt.
+
+    A failed write (a full disk above all) leaves both earlier checkpoints as they were.
+    """
     payload = {
         "format": FORMAT_VERSION,
         "case_ids": list(model.case_ids),
@@ -58,9 +71,61 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizers: dict[str,
         "rng": _rng_state(),
     }
     path = Path(run_dir) / CHECKPOINT_NAME
-    with atomic_open(path, "wb") as handle:
-        torch.save(payload, handle)
+    try:
+        with atomic_open(path, "wb", previous=Path(run_dir) / PREVIOUS_CHECKPOINT_NAME) as handle:
+            torch.save(payload, handle)
+    except OSError as error:
+        problem = "no space left on the device" if error.errno in NO_SPACE_ERRNOS else f"could not be written ({error.strerror or error})"
+        raise CheckpointError(f"{path}: {problem}; the previous checkpoint is intact") from error
     return path
+
+
+def checkpoint_paths(run_dir: Path) -> list[Path]:
+    """The checkpoints of a run folder, newest first, whether or not they exist."""
+    return [Path(run_dir) / CHECKPOINT_NAME, Path(run_dir) / PREVIOUS_CHECKPOINT_NAME]
+
+
+def remove_interrupted_writes(run_dir: Path) -> None:
+    """Delete the temporary files of checkpoint writes that a kill cut short; they hold no complete checkpoint."""
+    _unlink_all(Path(run_dir).glob(f".{CHECKPOINT_NAME}.*.tmp"))
+
+
+def remove_checkpoints(run_dir: Path) -> None:
+    """Forget a run's checkpoints, so that a new run in the same folder can never fall back to them."""
+    remove_interrupted_writes(run_dir)
+    _unlink_all([*checkpoint_paths(run_dir), Path(run_dir) / DAMAGED_CHECKPOINT_NAME])
+
+
+def _unlink_all(paths) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def load_latest_checkpoint(run_dir: Path, map_location: str | torch.device = "cpu") -> tuple[dict, Path]:
+    """The newest complete checkpoint of a run and its path; a damaged or missing newest one is reported and the previous one used."""
+    newest, previous = checkpoint_paths(run_dir)
+    try:
+        return load_checkpoint(newest, map_location), newest
+    except CheckpointError as error:
+        if not previous.is_file():
+            raise
+        print(f"hsort: warning: {error}; using {previous}", file=sys.stderr)
+        try:
+            return load_checkpoint(previous, map_location), previous
+        except CheckpointError as second:
+            raise CheckpointError(f"{error}; and {second}") from second
+
+
+def resume_latest_checkpoint(run_dir: Path) -> dict:
+    """The checkpoint a resumed run continues from.  A damaged newest one is set aside (renamed), or the
+    next write would push the good previous one out and put the damaged one in its place."""
+    payload, path = load_latest_checkpoint(run_dir)
+    newest = Path(run_dir) / CHECKPOINT_NAME
+    if path != newest and newest.exists():
+        newest.replace(Path(run_dir) / DAMAGED_CHECKPOINT_NAME)
+        print(f"hsort: warning: set the damaged {newest} aside as {DAMAGED_CHECKPOINT_NAME}", file=sys.stderr)
+    return payload
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:

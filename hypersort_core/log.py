@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from hypersort_core.atomic import atomic_savefig, atomic_write_text  # noqa: E402
 
-LOG_COLUMNS = ("epoch", "steps", "loss", "cross_entropy", "dice", "latent_l1", "latent_norm", "seconds")
+LOG_COLUMNS = ("epoch", "steps", "loss", "cross_entropy", "dice", "latent_l1", "skipped_steps", "latent_norm", "seconds")
 
 
 def write_log_csv(run_dir: Path, rows: list[dict]) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hypersort_core.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from hypersort_core.checkpoint import load_latest_checkpoint
 from hypersort_core.config import TrainConfig
 from hypersort_core.data import PreparedData, prepare_cases, read_dataset, select_labels
 from hypersort_core.model import HyperSORT
@@ -66,7 +66,7 @@ def load_run(run_dir: Path | str, device: str = "auto") -> Run:
         raise FileNotFoundError(f"{run_dir}: not a run folder (no {CONFIG_NAME})")
     config, data = read_config(run_dir)
     device = resolve_device(device)
-    payload = load_checkpoint(run_dir / CHECKPOINT_NAME, map_location=device)
+    payload, _ = load_latest_checkpoint(run_dir, map_location=device)
     model = HyperSORT(config.model, payload["case_ids"]).to(device)
     model.load_state_dict(payload["model"])
     model.eval()

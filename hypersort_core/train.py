@@ -4,6 +4,9 @@ Two Adam optimizers, as in the reference code: one for the hyper-network, one
 (sparse, so only the cases in a batch move) for the latents.  Batches hold
 several cases, each segmented by the UNet of its own latent.  Ctrl-C and the
 time budget stop at a step boundary and leave a checkpoint to resume from.
+Faults cost as little as they can: a NaN or Inf loss skips its step (and a run
+of them stops training with a checkpoint of the last good state), and a case
+whose cache becomes unreadable is reported and left out.
 """
 from __future__ import annotations
 
@@ -11,23 +14,30 @@ import contextlib
 import json
 import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
 from hypersort_core import __version__
 from hypersort_core.atomic import atomic_write_text
 from hypersort_core.checkpoint import (
     CHECKPOINT_NAME,
+    NO_SPACE_ERRNOS,
+    CheckpointError,
     TrainingState,
-    load_checkpoint,
+    checkpoint_paths,
+    remove_checkpoints,
+    remove_interrupted_writes,
     restore_checkpoint,
+    resume_latest_checkpoint,
     save_checkpoint,
 )
 from hypersort_core.config import ConfigError, TrainConfig
@@ -46,6 +56,12 @@ from hypersort_core.model import HyperSORT, plain_unet
 
 CONFIG_NAME = "config.json"
 SUM_KEYS = ("loss", "cross_entropy", "dice", "latent_l1")
+MAX_NONFINITE_IN_A_ROW = 5  # skipped NaN/Inf steps in a row that mean training has diverged
+UNREADABLE = (OSError, ValueError, EOFError)  # what numpy raises for a missing, truncated or overwritten .npy
+
+
+class TrainingDiverged(ConfigError):
+    """The loss stayed NaN or Inf: the settings (most often a learning rate too high) need changing, not the code."""
 
 
 @dataclass
@@ -159,17 +175,31 @@ def write_epoch_outputs(run_dir: Path, model: HyperSORT, state: TrainingState) -
         plot_progress(run_dir, state.log_rows)
 
 
+@contextlib.contextmanager
+def _full_disk_is_a_clear_error(run_dir: Path) -> Iterator[None]:
+    """A full disk while writing the run folder: one line naming the file, not a traceback.
+    Every write is atomic, so the checkpoints already on disk stay as they were."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in NO_SPACE_ERRNOS:
+            raise
+        raise CheckpointError(f"{error.filename or run_dir}: no space left on the device; the checkpoints already written are intact") from error
+
+
 def fit(data: Path, run_dir: Path, config: TrainConfig, resume: bool = False, progress: bool = True, overwrite: bool = False) -> FitResult:
     """Train HyperSORT on a dataset folder; everything lands in run_dir (see README: the run folder)."""
     run_dir = Path(run_dir)
-    if not resume and not overwrite and (run_dir / CHECKPOINT_NAME).exists():
+    if not resume and not overwrite and any(path.exists() for path in checkpoint_paths(run_dir)):
         raise ConfigError(f"{run_dir} already holds a run: --resume continues it, --overwrite starts it again")
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
-    payload = load_checkpoint(run_dir / CHECKPOINT_NAME) if resume else None
-    prepared, config = prepare_data(Path(data), config, run_dir, progress)
-    case_ids = [case.case_id for case in prepared.cases]
-    write_config(run_dir, config, Path(data), case_ids)
+    payload = resume_latest_checkpoint(run_dir) if resume else None
+    (remove_interrupted_writes if resume else remove_checkpoints)(run_dir)
+    with _full_disk_is_a_clear_error(run_dir):
+        prepared, config = prepare_data(Path(data), config, run_dir, progress)
+        case_ids = [case.case_id for case in prepared.cases]
+        write_config(run_dir, config, Path(data), case_ids)
     if device.type == "cpu" and config.preset == "paper" and payload is None:
         steps = math.ceil(len(case_ids) / config.batch_size)
         print(f"estimated time per epoch on this CPU: {steps * estimated_step_seconds(config) / 60:.1f} min ({steps} steps); --preset small is CPU-sized")
@@ -178,8 +208,10 @@ def fit(data: Path, run_dir: Path, config: TrainConfig, resume: bool = False, pr
     model = HyperSORT(config.model, case_ids).to(device)
     optimizers = build_optimizers(model, config, device)
     state = restore_checkpoint(payload, model, optimizers) if payload else TrainingState()
-    stopped = _train(model, optimizers, state, TrainingSet(prepared), config, device, run_dir, progress)
-    return FitResult(run_dir, case_ids, state.epoch, stopped, prepared.bad)
+    with _full_disk_is_a_clear_error(run_dir):
+        stopped = _train(model, optimizers, state, TrainingSet(prepared), config, device, run_dir, progress)
+    unreadable = [DataError(case_ids[index], "its cache became unreadable during training; left out from then on") for index in state.unreadable_cases]
+    return FitResult(run_dir, case_ids, state.epoch, stopped, prepared.bad + unreadable)
 
 
 def _train(model, optimizers, state, training_set, config, device, run_dir, progress) -> str | None:
@@ -193,27 +225,42 @@ def _train(model, optimizers, state, training_set, config, device, run_dir, prog
         state.elapsed_seconds = time.monotonic() - started
         save_checkpoint(run_dir, model, optimizers, state)
 
+    def save_progress() -> None:
+        checkpoint()
+        write_epoch_outputs(run_dir, model, state)
+
     with stop.installed():
         while state.epoch < config.epochs:
             if not state.epoch_order:
-                state.epoch_order = torch.randperm(n_cases).tolist()
-                state.step_in_epoch, state.epoch_sums = 0, dict.fromkeys(SUM_KEYS, 0.0)
-            batches = [state.epoch_order[i : i + config.batch_size] for i in range(0, n_cases, config.batch_size)]
+                _start_epoch(state, n_cases)
+            order = state.epoch_order
+            batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
             # The loader's own generator keeps the global RNG (saved in checkpoints) untouched by resuming.
             loader_rng = torch.Generator().manual_seed(config.seed * 100_003 + state.epoch)
-            loader = DataLoader(training_set, batch_sampler=batches[state.step_in_epoch :], num_workers=config.workers, generator=loader_rng)
+            loader = DataLoader(
+                _SkipsUnreadableCases(training_set),
+                batch_sampler=batches[state.step_in_epoch :],
+                num_workers=config.workers,
+                generator=loader_rng,
+                collate_fn=_collate_readable,
+            )
             bar = tqdm(loader, total=len(batches), initial=state.step_in_epoch, desc=f"epoch {state.epoch + 1}/{config.epochs}", disable=not progress, leave=False)
             for batch in bar:
-                terms = _train_step(model, optimizers, batch, config, device, autocast)
-                for key, value in zip(SUM_KEYS, (terms.total, terms.cross_entropy, terms.dice, terms.latent_l1)):
-                    state.epoch_sums[key] += value.item()
+                _leave_out_unreadable(state, batch["unreadable"])
+                if len(batch["index"]):
+                    terms, stepped = _train_step(model, optimizers, batch, config, device, autocast)
+                    _record_step(state, terms, stepped)
+                    bar.set_postfix(loss=f"{float(terms.total):.4f}", latent=f"{_mean_latent_norm(model):.4f}")
                 state.step_in_epoch += 1
-                bar.set_postfix(loss=f"{float(terms.total):.4f}", latent=f"{_mean_latent_norm(model):.4f}")
+                if state.skipped_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                    bar.close()
+                    state.skipped_in_a_row = 0  # a resumed run gets a fresh allowance
+                    save_progress()  # skipped steps never changed the model: this is the last good state
+                    raise _diverged(state, run_dir)
                 over_budget = budget is not None and time.monotonic() - started > budget
                 if stop.requested or over_budget:
                     bar.close()
-                    checkpoint()
-                    write_epoch_outputs(run_dir, model, state)
+                    save_progress()
                     return "interrupted" if stop.requested else "time budget"
             bar.close()
             _finish_epoch(model, state, len(batches), time.monotonic() - started, progress)
@@ -223,7 +270,17 @@ def _train(model, optimizers, state, training_set, config, device, run_dir, prog
     return None
 
 
+def _start_epoch(state: TrainingState, n_cases: int) -> None:
+    """A fresh random case order, without the cases whose cache became unreadable."""
+    state.epoch_order = [index for index in torch.randperm(n_cases).tolist() if index not in state.unreadable_cases]
+    if not state.epoch_order:
+        raise DataError("the cache of every case became unreadable during training; nothing is left to train on")
+    state.step_in_epoch, state.skipped_in_epoch = 0, 0
+    state.epoch_sums = dict.fromkeys((*SUM_KEYS, "steps"), 0.0)  # "steps": how many finite steps the sums hold
+
+
 def _train_step(model, optimizers, batch, config, device, autocast):
+    """One optimizer step, and whether it was taken: a NaN or Inf loss takes none and computes no gradients."""
     image = batch["image"].to(device, non_blocking=True)
     label = batch["label"].to(device, non_blocking=True)
     latent = model.latents(batch["index"].to(device))
@@ -232,10 +289,85 @@ def _train_step(model, optimizers, batch, config, device, autocast):
     terms = hypersort_loss(logits, label, latent, config.l1)
     for optimizer in optimizers.values():
         optimizer.zero_grad(set_to_none=True)
-    terms.total.backward()
-    for optimizer in optimizers.values():
-        optimizer.step()
-    return replace(terms, **{k: v.detach() for k, v in vars(terms).items()})
+    finite = bool(torch.isfinite(terms.total))
+    if finite:
+        terms.total.backward()
+        for optimizer in optimizers.values():
+            optimizer.step()
+    return replace(terms, **{k: v.detach() for k, v in vars(terms).items()}), finite
+
+
+def _record_step(state: TrainingState, terms, stepped: bool) -> None:
+    """Add a taken step to the epoch's sums; count and report a skipped one."""
+    if stepped:
+        for key, value in zip(SUM_KEYS, (terms.total, terms.cross_entropy, terms.dice, terms.latent_l1)):
+            state.epoch_sums[key] += value.item()
+        state.epoch_sums["steps"] += 1
+        state.skipped_in_a_row = 0
+        return
+    state.skipped_in_epoch += 1
+    state.skipped_in_a_row += 1
+    _warn(f"epoch {state.epoch + 1}, step {state.step_in_epoch + 1}: the loss is {float(terms.total)}; step skipped ({state.skipped_in_a_row} in a row)")
+
+
+def _diverged(state: TrainingState, run_dir: Path) -> TrainingDiverged:
+    return TrainingDiverged(
+        f"training stopped: the loss was NaN or Inf for {MAX_NONFINITE_IN_A_ROW} steps in a row (epoch {state.epoch + 1}); "
+        f"the last good state is in {run_dir / CHECKPOINT_NAME}; a lower --lr usually helps"
+    )
+
+
+class _SkipsUnreadableCases(Dataset):
+    """The training set, with a case whose cached arrays cannot be read returned as a marker instead of raising,
+    so that one damaged file costs one case and not the run."""
+
+    def __init__(self, training_set: TrainingSet) -> None:
+        self.training_set = training_set
+
+    def __len__(self) -> int:
+        return len(self.training_set)
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            return self.training_set[index]
+        except UNREADABLE as error:
+            return {"unreadable": index, "problem": _unreadable_problem(self.training_set.cases[index], error)}
+
+
+def _unreadable_problem(case, error: Exception) -> str:
+    """Name the case and the first of its cached files that no longer loads."""
+    files = [path for path in (case.image_file, case.label_file, case.foreground_file) if path is not None]
+    culprit = next((path for path in files if not _loads(path)), "its cache")
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    return f"case {case.case_id}: {culprit} is unreadable ({reason})"
+
+
+def _loads(path: Path) -> bool:
+    try:
+        np.load(path, mmap_mode="r")
+    except UNREADABLE:
+        return False
+    return True
+
+
+def _collate_readable(items: list[dict]) -> dict:
+    """Batch the readable items; list the unreadable ones apart, as (index, problem)."""
+    readable = [item for item in items if "unreadable" not in item]
+    batch = default_collate(readable) if readable else {"index": torch.empty(0, dtype=torch.long)}
+    batch["unreadable"] = [(item["unreadable"], item["problem"]) for item in items if "unreadable" in item]
+    return batch
+
+
+def _leave_out_unreadable(state: TrainingState, unreadable: list[tuple[int, str]]) -> None:
+    """Report each newly unreadable case once; later epochs leave it out."""
+    for index, problem in unreadable:
+        if index not in state.unreadable_cases:
+            state.unreadable_cases.append(index)
+            _warn(f"{problem}; the case is left out of training from now on")
+
+
+def _warn(message: str) -> None:
+    tqdm.write(f"hsort: warning: {message}", file=sys.stderr)
 
 
 def _mean_latent_norm(model: HyperSORT) -> float:
@@ -245,8 +377,9 @@ def _mean_latent_norm(model: HyperSORT) -> float:
 def _finish_epoch(model: HyperSORT, state: TrainingState, steps: int, seconds: float, progress: bool) -> None:
     """Close the epoch: one log row, and a fresh case order next time."""
     state.epoch += 1
-    row = {"epoch": state.epoch, "steps": steps, **{k: v / steps for k, v in state.epoch_sums.items()}}
-    row.update(latent_norm=_mean_latent_norm(model), seconds=round(seconds, 2))
+    summed = state.epoch_sums["steps"]
+    row = {"epoch": state.epoch, "steps": steps, **{key: state.epoch_sums[key] / summed if summed else math.nan for key in SUM_KEYS}}
+    row.update(skipped_steps=state.skipped_in_epoch, latent_norm=_mean_latent_norm(model), seconds=round(seconds, 2))
     state.log_rows.append(row)
     state.epoch_order = []
     if progress:

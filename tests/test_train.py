@@ -38,6 +38,7 @@ def test_fit_writes_the_run_folder(dataset, tmp_path):
     z = np.array([[float(row["z0"]), float(row["z1"])] for row in latents])
     np.testing.assert_allclose([float(row["norm"]) for row in latents], np.linalg.norm(z, axis=1), rtol=1e-4)
     assert [int(row["epoch"]) for row in read_csv(run / "log.csv")] == [1, 2]
+    assert [row["skipped_steps"] for row in read_csv(run / "log.csv")] == ["0", "0"]
     for picture in ("progress.png", "latent_map.png"):
         assert (run / picture).read_bytes().startswith(b"\x89PNG")
     assert not list(run.glob("*.tmp")) and not list(run.glob(".*.tmp"))
@@ -116,3 +117,13 @@ def test_a_run_made_from_a_relative_dataset_path_is_usable_from_any_directory(da
     fit(dataset.name, tmp_path / "run", tiny_config(epochs=1), progress=False)
     monkeypatch.chdir(tmp_path)
     assert [case.case_id for case in load_run(tmp_path / "run", "cpu").prepared().cases] == [f"synth_{i:03d}" for i in range(7)]
+
+
+def test_commands_after_fit_fall_back_to_the_previous_checkpoint(trained_run, tmp_path):
+    import shutil
+
+    from hypersort_core.run import load_run
+
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    (run / "checkpoint.pt").rename(run / "checkpoint.prev.pt")  # killed between the two renames of a save
+    assert load_run(run, "cpu").case_ids == [f"synth_{i:03d}" for i in range(7)]
