@@ -1,6 +1,7 @@
 """`hsort`: parse, call the library, print.  Bad input is one line on stderr and exit code 2."""
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +18,8 @@ INTERRUPTED_EXIT = 130
 @click.version_option(__version__, prog_name="hsort")
 def main() -> None:
     """HyperSORT: map a 3D segmentation dataset, find its annotation styles and wrong labels."""
+    # nibabel logs the header repairs it makes; a damaged file is reported once, by our own error line.
+    logging.getLogger("nibabel").setLevel(logging.ERROR)
 
 
 @main.command()
@@ -71,6 +74,7 @@ def fit(data: Path, run_dir: Path, preset: str, resume: bool, overwrite: bool, n
     from hypersort_core.train import fit as fit_run
 
     config = _resume_config(run_dir, options) if resume else _new_config(preset, options)
+    config.validate()
     _check_first(check_dataset(data, config.layout, config.label), config.skip_bad)
     result = fit_run(data, run_dir, config, resume=resume, progress=not quiet, overwrite=overwrite)
     if result.stopped == "interrupted":

@@ -5,6 +5,7 @@ version and the case list, so a run can be understood and resumed from disk.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, replace
 
 from hypersort_core.data import PreprocessConfig
@@ -70,6 +71,31 @@ class TrainConfig:
             raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         given = {k: v for k, v in overrides.items() if v is not None}
         return cls(preset=preset, **{**PRESETS[preset], **given})
+
+    def validate(self) -> None:
+        """Refuse a setting that cannot train, naming the option, before any work is done."""
+        model, roi = self.model, self.preprocess.roi
+        smallest_roi = 2 * model.size_multiple  # the deepest level must keep 2 voxels per side for InstanceNorm
+        checks = [
+            (self.batch_size >= 1, "--batch-size must be 1 or more"),
+            (self.epochs >= 1, "--epochs must be 1 or more"),
+            (self.max_minutes is None or self.max_minutes >= 0, "--max-minutes must be 0 or more"),
+            (math.isfinite(self.lr) and self.lr > 0, "--lr must be a positive number"),
+            (math.isfinite(self.latent_lr) and self.latent_lr > 0, "--latent-lr must be a positive number"),
+            (math.isfinite(self.l1) and self.l1 >= 0, "--l1 must be 0 or a positive number"),
+            (self.checkpoint_every >= 1, "--checkpoint-every must be 1 or more"),
+            (self.workers >= 0, "--workers must be 0 or more"),
+            (0 <= self.seed < 2**63, "--seed must be between 0 and 2**63 - 1"),
+            (model.latent_dim >= 1, "--latent-dim must be 1 or more"),
+            (model.levels >= 1, "--levels must be 1 or more"),
+            (model.base_channels >= 1, "--base-channels must be 1 or more"),
+            (model.convs_per_level >= 0, "--convs-per-level must be 0 or more"),
+            (all(side % model.size_multiple == 0 for side in roi), f"--roi {tuple(roi)} must be a multiple of {model.size_multiple} on each side for a UNet with {model.levels} levels"),
+            (min(roi) >= smallest_roi, f"--roi {tuple(roi)} is too small for {model.levels} levels: the deepest level needs 2 voxels per side, so at least {smallest_roi}"),
+        ]
+        for ok, problem in checks:
+            if not ok:
+                raise ConfigError(problem)
 
     def with_overrides(self, **overrides) -> "TrainConfig":
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})

@@ -147,9 +147,6 @@ def read_config(run_dir: Path) -> tuple[TrainConfig, Path]:
 
 def prepare_data(data: Path, config: TrainConfig, run_dir: Path, progress: bool) -> tuple[PreparedData, TrainConfig]:
     """Read, check and preprocess the dataset; the output channels follow the chosen labels."""
-    roi, multiple = config.preprocess.roi, config.model.size_multiple
-    if any(side % multiple for side in roi):
-        raise ConfigError(f"ROI {tuple(roi)} must be a multiple of {multiple} on each side for a UNet with {config.model.levels} levels")
     dataset = read_dataset(data, config.layout)
     selection = select_labels(dataset, config.label)
     config = replace(config, model=replace(config.model, out_channels=selection.num_classes))
@@ -189,6 +186,7 @@ def _full_disk_is_a_clear_error(run_dir: Path) -> Iterator[None]:
 
 def fit(data: Path, run_dir: Path, config: TrainConfig, resume: bool = False, progress: bool = True, overwrite: bool = False) -> FitResult:
     """Train HyperSORT on a dataset folder; everything lands in run_dir (see README: the run folder)."""
+    config.validate()
     run_dir = Path(run_dir)
     if not resume and not overwrite and any(path.exists() for path in checkpoint_paths(run_dir)):
         raise ConfigError(f"{run_dir} already holds a run: --resume continues it, --overwrite starts it again")

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from .errors import DataError
 from .labels import LabelSelection
 from .layouts import Case, Dataset
-from .preprocess import PreprocessConfig, preprocess
+from .preprocess import PreprocessConfig, check_resampled_size, preprocess
 from .volumes import case_files, read_case
 
 CACHE_FORMAT = 1  # bump when a change to preprocessing makes existing caches wrong
@@ -109,6 +109,7 @@ def prepare_case(
     """Read, check and preprocess one case into the cache; returns its record (or its problem)."""
     try:
         volume = read_case(case, selection, dataset.declared_values)
+        check_resampled_size(volume, config, case.image)
     except DataError as error:
         return {"path": str(error.path), "problem": error.problem}
     result = preprocess(volume, config)

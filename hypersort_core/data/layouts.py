@@ -219,7 +219,16 @@ def read_table(manifest: Path) -> list[dict[str, str]]:
     if len(content) < 2:
         raise DataError(manifest, "manifest has no rows")
     delimiter = "\t" if "\t" in content[0] else ","
-    return list(csv.DictReader(content, delimiter=delimiter))
+    try:
+        rows = list(csv.DictReader(content, delimiter=delimiter))
+    except csv.Error as error:
+        raise DataError(manifest, f"cannot parse the manifest ({error})") from error
+    if not rows:  # an unclosed quote swallows every line after the header
+        raise DataError(manifest, "manifest has no rows")
+    for number, row in enumerate(rows, start=2):
+        if None in row:  # csv's key for the cells beyond the header's
+            raise DataError(manifest, f"row {number} has more cells than the header")
+    return rows
 
 
 def single_manifest(folder: Path) -> Path:
@@ -259,6 +268,9 @@ def parse_label_names(meta: dict, meta_file: Path) -> dict[str, int]:
 
 def require_single_channel(meta: dict, meta_file: Path) -> None:
     channels = meta.get("channel_names") or meta.get("modality") or {}
+    if not isinstance(channels, dict):
+        problem = f"'channel_names' (or 'modality') must map channel numbers to names, not a {type(channels).__name__}"
+        raise DataError(meta_file, problem)
     if len(channels) > 1:
         names = ", ".join(str(name) for name in channels.values())
         problem = f"declares {len(channels)} channels ({names}): multi-channel input is not supported yet"

@@ -2,15 +2,19 @@
 fixed-size region of interest. Every step keeps the voxel-to-world affine exact, so that later code
 can map predictions on the prepared grid back onto the original image."""
 
+import math
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
+from .errors import DataError
 from .volumes import LabelledVolume, voxel_sizes
 
 CROPS = ("label", "image", "random")
 SPACING_TOLERANCE = 1e-3  # mm; closer spacings are kept rather than resampled
+MAX_RESAMPLED_VOXELS = 2**31  # larger grids come from a broken header, not from a scan
 
 
 @dataclass(frozen=True)
@@ -26,7 +30,7 @@ class PreprocessConfig:
     def __post_init__(self):
         if self.spacing is not None:
             object.__setattr__(self, "spacing", tuple(float(size) for size in self.spacing))
-            if len(self.spacing) != 3 or min(self.spacing) <= 0:
+            if len(self.spacing) != 3 or not all(0 < size < math.inf for size in self.spacing):  # NaN too
                 raise ValueError(f"spacing must be three positive sizes in mm, got {self.spacing}")
         object.__setattr__(self, "roi", tuple(int(size) for size in self.roi))
         if len(self.roi) != 3 or min(self.roi) <= 0:
@@ -86,7 +90,7 @@ def resample(volume: LabelledVolume, spacing: tuple[float, float, float]) -> Lab
     if np.allclose(current, target, rtol=0, atol=SPACING_TOLERANCE):
         return volume
     old_shape = np.array(volume.image.shape)
-    new_shape = np.maximum(1, np.round(old_shape * current / target)).astype(int)
+    new_shape = resampled_shape(old_shape, current, target).astype(int)
     step = target / current
     offset = ((old_shape - 1) - (new_shape - 1) * step) / 2
     grid = np.eye(4)
@@ -95,6 +99,23 @@ def resample(volume: LabelledVolume, spacing: tuple[float, float, float]) -> Lab
     image = ndimage.affine_transform(volume.image, step, offset, output_shape=tuple(new_shape), order=1, mode="nearest")
     label = ndimage.affine_transform(volume.label, step, offset, output_shape=tuple(new_shape), order=0, mode="nearest")
     return LabelledVolume(image, label, volume.affine @ grid)
+
+
+def resampled_shape(shape: np.ndarray, current: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """The grid size (as floats, which cannot overflow) that covers the volume at the target spacing."""
+    return np.maximum(1, np.round(shape * current / target))
+
+
+def check_resampled_size(volume: LabelledVolume, config: PreprocessConfig, path: Path) -> None:
+    """Absurd voxel sizes in a header would make resampling exhaust the memory: refuse them first."""
+    if config.spacing is None:
+        return
+    sizes = voxel_sizes(volume.affine)
+    shape = resampled_shape(np.array(volume.image.shape), sizes, np.asarray(config.spacing))
+    if np.prod(shape) > MAX_RESAMPLED_VOXELS:
+        current = "x".join(f"{size:g}" for size in sizes)
+        problem = f"voxel sizes {current} mm resampled to {config.spacing} mm would make {shape.prod():.3g} voxels"
+        raise DataError(path, f"{problem}; the header's voxel sizes or the spacing setting are wrong")
 
 
 def clip_and_scale(image: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:

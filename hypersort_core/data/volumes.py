@@ -5,6 +5,7 @@ benchmarks then import without it (the GPU machines' image has no nibabel).
 """
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
     import nibabel as nib
 
 AFFINE_TOLERANCE = 1e-3  # relative; also in voxel sizes where an affine entry is near zero
+MAX_EXTENT_MM = 10_000  # no scan is 10 m wide: a header that says so has wrong voxel sizes
+DEFLATE_MAX_RATIO = 1032  # deflate never expands data more than this (zlib's technical details)
 SHOWN_VALUES = 10
 
 
@@ -40,6 +43,7 @@ def read_case(case: Case, selection: LabelSelection, declared_values: set[int] |
     """
     image_nifti = open_nifti(case.image, f"image file is missing for case {case.case_id!r}")
     shape = spatial_shape(image_nifti, case.image)
+    check_affine(image_nifti.affine, shape, case.image)
     label_niftis = {
         path: open_aligned_label(path, shape, image_nifti.affine, case.image) for path in label_files(case, selection)
     }
@@ -98,6 +102,19 @@ def open_aligned_label(
     return nifti
 
 
+def check_affine(affine: np.ndarray, shape: tuple[int, ...], path: Path) -> None:
+    """Reorienting and resampling need a finite voxel-to-world affine that keeps all three axes apart
+    and gives the volume a size a scan can have."""
+    if not np.isfinite(affine).all():
+        raise DataError(path, "affine (qform/sform) holds NaN or infinite values")
+    sizes = voxel_sizes(affine)
+    described = "x".join(f"{size:g}" for size in sizes)
+    if np.linalg.matrix_rank(affine[:3, :3]) < 3:
+        raise DataError(path, f"affine (qform/sform) is degenerate: voxel sizes {described} mm, or axes that coincide")
+    if (sizes * shape).max() > MAX_EXTENT_MM:
+        raise DataError(path, f"voxel sizes {described} mm make the volume wider than {MAX_EXTENT_MM / 1000:g} m")
+
+
 def same_grid(affine: np.ndarray, reference: np.ndarray) -> bool:
     """Affines agree within 1e-3 relative, and within 1e-3 of a voxel for entries near zero."""
     atol = AFFINE_TOLERANCE * voxel_sizes(reference).max()
@@ -132,8 +149,8 @@ def open_nifti(path: Path, missing_problem: str) -> nib.spatialimages.SpatialIma
         return nib.load(path)
     except FileNotFoundError as error:
         raise DataError(path, missing_problem) from error
-    except (nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError, zlib.error) as error:
-        raise DataError(path, f"not a readable NIfTI file ({error})") from error
+    except (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError, OSError, EOFError, ValueError, zlib.error) as error:
+        raise DataError(path, f"not a readable NIfTI file ({one_line(error)})") from error
 
 
 def spatial_shape(nifti: nib.spatialimages.SpatialImage, path: Path) -> tuple[int, int, int]:
@@ -141,6 +158,8 @@ def spatial_shape(nifti: nib.spatialimages.SpatialImage, path: Path) -> tuple[in
     shape = tuple(int(size) for size in nifti.shape)
     if len(shape) < 3:
         raise DataError(path, f"volume is {len(shape)}-D (shape {shape}); a 3-D volume is needed")
+    if any(size < 1 for size in shape):
+        raise DataError(path, f"header gives the volume shape {shape}; every side needs at least one voxel")
     if any(size != 1 for size in shape[3:]):
         problem = "multi-channel or time-series volumes are not supported"
         raise DataError(path, f"volume is {len(shape)}-D (shape {shape}); {problem}")
@@ -150,10 +169,30 @@ def spatial_shape(nifti: nib.spatialimages.SpatialImage, path: Path) -> tuple[in
 def read_voxels(nifti: nib.spatialimages.SpatialImage, path: Path, dtype: type | None = None) -> np.ndarray:
     """The voxel array in 3-D; a truncated or corrupt file fails here, as the data is decompressed."""
     try:
+        check_data_fits(nifti, path)
         data = np.asarray(nifti.dataobj, dtype=dtype)
     except (OSError, EOFError, ValueError, zlib.error) as error:
-        raise DataError(path, f"truncated or corrupt NIfTI data ({error})") from error
+        raise DataError(path, f"truncated or corrupt NIfTI data ({one_line(error)})") from error
     return data.reshape(data.shape[:3])
+
+
+def check_data_fits(nifti: nib.spatialimages.SpatialImage, path: Path) -> None:
+    """nibabel allocates what the header declares before reading: a damaged header must not claim terabytes."""
+    dtype = nifti.header.get_data_dtype()
+    declared = math.prod(nifti.shape) * dtype.itemsize
+    size = path.stat().st_size
+    if path.name.endswith(".gz"):
+        room = size * DEFLATE_MAX_RATIO
+    else:
+        room = size - nifti.header.get_data_offset()
+    if declared > room:
+        problem = f"header declares {nifti.shape} voxels of {dtype} ({declared} bytes), more than the file can hold"
+        raise DataError(path, f"{problem}; the file is truncated or its header damaged")
+
+
+def one_line(error: Exception) -> str:
+    """nibabel's messages span lines; the CLI reports an error in one."""
+    return " ".join(str(error).split())
 
 
 def format_values(values) -> str:
