@@ -73,16 +73,7 @@ def test_flops_forward_and_backward_match_torch_flop_counter(shape, op):
     assert backward.get_total_flops() == BACKWARD_COST * shape.forward_flops(batch)
 
 
-@pytest.fixture
-def one_thread():
-    """Timings are not under test here; one thread keeps tiny ops from stalling on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_quick_bench_writes_every_section_and_prints_one_table(tmp_path, one_thread):
+def test_quick_bench_writes_every_section_and_prints_one_table(tmp_path, one_torch_thread):
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(main, ["bench", "--quick", "--size", "16", "--device", "cpu", "--out", str(out)])
     assert result.exit_code == 0, result.output
