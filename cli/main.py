@@ -75,7 +75,8 @@ def fit(data: Path, run_dir: Path, preset: str, resume: bool, overwrite: bool, n
 
     config = _resume_config(run_dir, options) if resume else _new_config(preset, options)
     config.validate()
-    _check_first(check_dataset(data, config.layout, config.label), config.skip_bad)
+    if not resume:  # a resumed run's dataset was checked when the run began; its cache is read, not the files
+        _check_first(check_dataset(data, config.layout, config.label), config.skip_bad)
     result = fit_run(data, run_dir, config, resume=resume, progress=not quiet, overwrite=overwrite)
     if result.stopped == "interrupted":
         _print_fit_summary(result, data)

@@ -30,6 +30,18 @@ def _check_batched(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         raise ValueError(f"batch of bias ({bias.shape[0]}) and of x ({x.shape[0]}) differ")
 
 
+def _grouped(conv, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cout: int, stride: IntOr3, padding: IntOr3) -> torch.Tensor:
+    """The batch folded into channel groups: one grouped `conv` call with groups = B.
+
+    Both weight layouts, [B, Cout, Cin, k..] and [B, Cin, Cout, k..], fold their first two axes into
+    the grouped layout PyTorch expects for that op.
+    """
+    batch = x.shape[0]
+    grouped_b = None if bias is None else bias.reshape(batch * cout)
+    y = conv(x.reshape(1, -1, *x.shape[2:]), weight.flatten(0, 1), grouped_b, stride=stride, padding=padding, groups=batch)
+    return y.reshape(batch, cout, *y.shape[2:])
+
+
 def per_sample_conv3d_reference(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -39,13 +51,7 @@ def per_sample_conv3d_reference(
 ) -> torch.Tensor:
     """y[b] = conv3d(x[b], weight[b], bias[b]) for x [B,Cin,D,H,W], weight [B,Cout,Cin,k,k,k]."""
     _check_batched(x, weight, bias, cin_dim=2)
-    batch, cin = x.shape[:2]
-    cout = weight.shape[1]
-    grouped_x = x.reshape(1, batch * cin, *x.shape[2:])
-    grouped_w = weight.reshape(batch * cout, cin, *weight.shape[3:])
-    grouped_b = None if bias is None else bias.reshape(batch * cout)
-    y = F.conv3d(grouped_x, grouped_w, grouped_b, stride=stride, padding=padding, groups=batch)
-    return y.reshape(batch, cout, *y.shape[2:])
+    return _grouped(F.conv3d, x, weight, bias, weight.shape[1], stride, padding)
 
 
 def per_sample_conv_transpose3d_reference(
@@ -57,13 +63,7 @@ def per_sample_conv_transpose3d_reference(
 ) -> torch.Tensor:
     """y[b] = conv_transpose3d(x[b], weight[b], bias[b]) for weight [B,Cin,Cout,k,k,k]."""
     _check_batched(x, weight, bias, cin_dim=1)
-    batch, cin = x.shape[:2]
-    cout = weight.shape[2]
-    grouped_x = x.reshape(1, batch * cin, *x.shape[2:])
-    grouped_w = weight.reshape(batch * cin, cout, *weight.shape[3:])
-    grouped_b = None if bias is None else bias.reshape(batch * cout)
-    y = F.conv_transpose3d(grouped_x, grouped_w, grouped_b, stride=stride, padding=padding, groups=batch)
-    return y.reshape(batch, cout, *y.shape[2:])
+    return _grouped(F.conv_transpose3d, x, weight, bias, weight.shape[2], stride, padding)
 
 
 def _triple(value: IntOr3) -> Triple:

@@ -128,3 +128,15 @@ def test_fit_runs_the_dataset_check_first_and_lists_its_warnings_once(tmp_path):
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1
     assert str(label_of(root)) in warnings[0]
+
+
+def test_resume_does_not_check_the_dataset_again(tmp_path, monkeypatch):
+    import hypersort_core.check
+
+    root = write_nnunet(tmp_path / "data", n_cases=3)
+    assert run_fit(root, "--out", tmp_path / "run", *FAST, "--no-analyze").exit_code == 0
+    checked = []
+    monkeypatch.setattr(hypersort_core.check, "check_dataset", lambda *args, **kwargs: checked.append(args))
+    result = run_fit(root, "--out", tmp_path / "run", "--resume", "--epochs", "2", "--quiet", "--no-analyze")
+    assert result.exit_code == 0, result.output
+    assert checked == []
