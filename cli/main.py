@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -60,30 +61,62 @@ def synth(out: Path, cases: int, size: int, perturbed: float, seed: int) -> None
 @click.option("--roi", default=None, callback=triple(int), help="ROI in voxels: 168 or 160,160,96.")
 @click.option("--crop", type=click.Choice(["label", "image", "random"]), default=None, help="ROI centred on the label, the image, or random crops.")
 @click.option("--checkpoint-every", type=int, default=None, help="Epochs between checkpoints (one is always written at the end).")
-@click.option("--workers", type=int, default=None, help="DataLoader worker processes.")
+@click.option("--workers", type=int, default=None, help="Processes that prepare the cases and load batches (per training process).")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Where prepared cases are kept and reused across runs  [default: $HSORT_CACHE or ~/.cache/hypersort]")
+@click.option("--nproc", type=click.IntRange(min=1), default=None, help="Train with N processes on this machine (one per GPU): starts `torchrun --standalone --nproc_per_node N` for you.")
 @click.option("--skip-bad", is_flag=True, default=None, help="Leave out bad cases instead of stopping.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Start again in an --out that already holds a run.")
 @click.option("--no-analyze", is_flag=True, help="Skip `hsort analyze` at the end.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @reports_bad_input
-def fit(data: Path, run_dir: Path, preset: str, resume: bool, overwrite: bool, no_analyze: bool, quiet: bool, **options) -> None:
-    """Train HyperSORT on DATA, write the run folder --out, then analyze it."""
+def fit(data: Path, run_dir: Path, preset: str, resume: bool, overwrite: bool, no_analyze: bool, quiet: bool, cache_dir: Path | None, nproc: int | None, **options) -> None:
+    """Train HyperSORT on DATA, write the run folder --out, then analyze it.
+
+    Under torchrun every process runs this command; rank 0 alone checks the data, prints and analyzes.
+    """
     from hypersort_core.analysis import analyze_run, format_summary
     from hypersort_core.check import check_dataset
+    from hypersort_core.distributed import world_from_environment
     from hypersort_core.train import fit as fit_run
 
+    world = world_from_environment()
+    if nproc and world.size == 1:
+        _run_under_torchrun(nproc)
     config = _resume_config(run_dir, options) if resume else _new_config(preset, options)
     config.validate()
-    if not resume:  # a resumed run's dataset was checked when the run began; its cache is read, not the files
+    if not resume and world.is_main:  # a resumed run's dataset was checked when the run began; its cache is read, not the files
         _check_first(check_dataset(data, config.layout, config.label), config.skip_bad)
-    result = fit_run(data, run_dir, config, resume=resume, progress=not quiet, overwrite=overwrite)
+    result = fit_run(data, run_dir, config, resume=resume, progress=not quiet, overwrite=overwrite, cache_dir=cache_dir)
+    if not world.is_main:
+        sys.exit(INTERRUPTED_EXIT if result.stopped == "interrupted" else 0)
     if result.stopped == "interrupted":
         _print_fit_summary(result, data)
         sys.exit(INTERRUPTED_EXIT)
     if not no_analyze and len(result.case_ids) > 1:
         click.echo(format_summary(analyze_run(run_dir, progress=not quiet)))
     _print_fit_summary(result, data)
+
+
+def _run_under_torchrun(nproc: int) -> None:
+    """`hsort fit --nproc N ...` becomes `torchrun --standalone --nproc_per_node N -m hypersort_core.cli fit ...` (this process is replaced)."""
+    arguments = _without_option(sys.argv[1:], "--nproc")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "hypersort_core.cli", *arguments]
+    sys.stdout.flush()
+    os.execv(sys.executable, command)
+
+
+def _without_option(arguments: list[str], name: str) -> list[str]:
+    """arguments less `name VALUE` and `name=VALUE`."""
+    kept, skip = [], False
+    for argument in arguments:
+        if skip:
+            skip = False
+        elif argument == name:
+            skip = True
+        elif not argument.startswith(f"{name}="):
+            kept.append(argument)
+    return kept
 
 
 ARCHITECTURE_OPTIONS = ("latent_dim", "base_channels", "levels", "convs_per_level")

@@ -34,7 +34,8 @@ class TrainingState:
     """Where training stands; all plain data so that it survives `weights_only` loading."""
 
     epoch: int = 0
-    step_in_epoch: int = 0
+    step_in_epoch: int = 0  # steps taken this epoch
+    cases_done_in_epoch: int = 0  # how far into epoch_order: steps * batch size * processes, except after a short batch
     epoch_order: list[int] = field(default_factory=list)
     epoch_sums: dict[str, float] = field(default_factory=dict)
     log_rows: list[dict] = field(default_factory=list)
@@ -42,25 +43,36 @@ class TrainingState:
     skipped_in_epoch: int = 0  # steps skipped this epoch for a NaN or Inf loss
     skipped_in_a_row: int = 0
     unreadable_cases: list[int] = field(default_factory=list)  # left out of training since their cache became unreadable
+    processes: int = 1  # training processes (torchrun's world size): the effective batch is batch size * processes
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
+    """This process's random state: with several processes, each has its own (random crops differ)."""
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # this process's own GPU only
     return state
 
 
-def _restore_rng(state: dict) -> None:
+def restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizers: dict[str, torch.optim.Optimizer], state: TrainingState) -> Path:
+def rng_states(payload: dict) -> list[dict]:
+    """The random state of each process (rank order) that trained up to a checkpoint."""
+    states = payload["rng"]
+    return states if isinstance(states, list) else [states]
+
+
+def save_checkpoint(
+    run_dir: Path, model: torch.nn.Module, optimizers: dict[str, torch.optim.Optimizer], state: TrainingState, rng: list[dict] | None = None
+) -> Path:
     """Write run_dir/checkpoint.pt atomically, the one it replaces becoming checkpoint.prev.pt.
 
-    A failed write (a full disk above all) leaves both earlier checkpoints as they were.
+    rng: every process's random state, rank order (default: this process's).  A failed write (a full
+    disk above all) leaves both earlier checkpoints as they were.
     """
     payload = {
         "format": FORMAT_VERSION,
@@ -68,7 +80,7 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizers: dict[str,
         "model": model.state_dict(),
         "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
         "state": asdict(state),
-        "rng": _rng_state(),
+        "rng": rng if rng is not None else [rng_state()],
     }
     path = Path(run_dir) / CHECKPOINT_NAME
     try:
@@ -117,15 +129,15 @@ def load_latest_checkpoint(run_dir: Path, map_location: str | torch.device = "cp
             raise CheckpointError(f"{error}; and {second}") from second
 
 
-def resume_latest_checkpoint(run_dir: Path) -> dict:
-    """The checkpoint a resumed run continues from.  A damaged newest one is set aside (renamed), or the
-    next write would push the good previous one out and put the damaged one in its place."""
+def resume_latest_checkpoint(run_dir: Path) -> tuple[dict, Path]:
+    """The checkpoint a resumed run continues from, and its path.  A damaged newest one is set aside (renamed),
+    or the next write would push the good previous one out and put the damaged one in its place."""
     payload, path = load_latest_checkpoint(run_dir)
     newest = Path(run_dir) / CHECKPOINT_NAME
     if path != newest and newest.exists():
         newest.replace(Path(run_dir) / DAMAGED_CHECKPOINT_NAME)
         print(f"hsort: warning: set the damaged {newest} aside as {DAMAGED_CHECKPOINT_NAME}", file=sys.stderr)
-    return payload
+    return payload, path
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
@@ -142,11 +154,10 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
 
 
 def restore_checkpoint(payload: dict, model: torch.nn.Module, optimizers: dict[str, torch.optim.Optimizer]) -> TrainingState:
-    """Load model, optimizers and RNG from a payload; return the training position."""
+    """Load model and optimizers from a payload; return the training position (the RNG is each process's own: rng_states)."""
     if list(payload["case_ids"]) != list(model.case_ids):
         raise CheckpointError("the checkpoint was trained on a different case list than this dataset holds")
     model.load_state_dict(payload["model"])
     for name, optimizer in optimizers.items():
         optimizer.load_state_dict(payload["optimizers"][name])
-    _restore_rng(payload["rng"])
     return TrainingState(**payload["state"])

@@ -177,4 +177,8 @@ class HyperSORT(nn.Module):
 
     def forward(self, image: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         """Logits for each image segmented by the UNet of its own latent."""
-        return unet_forward(image, self.theta(latent).to(image.dtype), self.config)
+        return self.segment(image, self.theta(latent))
+
+    def segment(self, image: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        """Logits for each image segmented by the UNet of its own parameters theta [B, P]."""
+        return unet_forward(image, theta.to(image.dtype), self.config)

@@ -14,7 +14,7 @@ from hypersort_core.checkpoint import load_latest_checkpoint
 from hypersort_core.config import TrainConfig
 from hypersort_core.data import PreparedData, prepare_cases, read_dataset, select_labels
 from hypersort_core.model import HyperSORT
-from hypersort_core.train import CONFIG_NAME, autocast_for, read_config, resolve_device
+from hypersort_core.train import CONFIG_NAME, autocast_for, read_config, resolve_device, run_cache_dir
 
 
 @dataclass
@@ -42,7 +42,7 @@ class Run:
         """A dataset preprocessed exactly as the training cases were (the run's cache is reused)."""
         dataset = read_dataset(data or self.data, self.config.layout)
         selection = select_labels(dataset, self.config.label)
-        return prepare_cases(dataset, selection, self.config.preprocess, self.run_dir / "cache", skip_bad=self.config.skip_bad, progress=progress)
+        return prepare_cases(dataset, selection, self.config.preprocess, run_cache_dir(self.run_dir), skip_bad=self.config.skip_bad, progress=progress)
 
     @torch.no_grad()
     def probabilities(self, images: torch.Tensor, latent: np.ndarray | torch.Tensor) -> torch.Tensor:

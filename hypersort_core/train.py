@@ -2,8 +2,10 @@
 
 Two Adam optimizers, as in the reference code: one for the hyper-network, one
 (sparse, so only the cases in a batch move) for the latents.  Batches hold
-several cases, each segmented by the UNet of its own latent.  Ctrl-C and the
-time budget stop at a step boundary and leave a checkpoint to resume from.
+several cases, each segmented by the UNet of its own latent.  Under torchrun,
+several processes share each batch (distributed.py; _train_step says how their
+gradients add up).  Ctrl-C, SIGTERM and the time budget stop at a step boundary
+and leave a checkpoint to resume from.
 Faults cost as little as they can: a NaN or Inf loss skips its step (and a run
 of them stops training with a checkpoint of the last good state), and a case
 whose cache becomes unreadable is reported and left out.
@@ -34,10 +36,14 @@ from hypersort_core.checkpoint import (
     CheckpointError,
     TrainingState,
     checkpoint_paths,
+    load_checkpoint,
     remove_checkpoints,
     remove_interrupted_writes,
     restore_checkpoint,
+    restore_rng,
     resume_latest_checkpoint,
+    rng_state,
+    rng_states,
     save_checkpoint,
 )
 from hypersort_core.config import ConfigError, TrainConfig
@@ -45,10 +51,13 @@ from hypersort_core.data import (
     DataError,
     PreparedData,
     TrainingSet,
+    default_cache_dir,
+    fill_cache,
     prepare_cases,
     read_dataset,
     select_labels,
 )
+from hypersort_core.distributed import World, derived_seed, joined
 from hypersort_core.latents import plot_latent_map, write_latents_csv
 from hypersort_core.log import plot_progress, write_log_csv
 from hypersort_core.loss import hypersort_loss
@@ -57,6 +66,7 @@ from hypersort_core.model import HyperSORT, plain_unet
 CONFIG_NAME = "config.json"
 SUM_KEYS = ("loss", "cross_entropy", "dice", "latent_l1")
 MAX_NONFINITE_IN_A_ROW = 5  # skipped NaN/Inf steps in a row that mean training has diverged
+LOADER_SEED = 1  # keeps the DataLoader's seeds apart from the process's own
 UNREADABLE = (OSError, ValueError, EOFError)  # what numpy raises for a missing, truncated or overwritten .npy
 
 
@@ -109,7 +119,9 @@ def estimated_step_seconds(config: TrainConfig) -> float:
 
 
 class _StopFlag:
-    """Ctrl-C asks to stop after the current step; a second Ctrl-C stops at once."""
+    """Ctrl-C (SIGINT) or SIGTERM (torchrun, a batch scheduler) asks to stop after the current step; a second one stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
@@ -119,23 +131,26 @@ class _StopFlag:
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = signal.getsignal(signal.SIGINT)
+        previous = {number: signal.getsignal(number) for number in self.SIGNALS}
 
         def request(signum, frame):
             if self.requested:
                 raise KeyboardInterrupt
             self.requested = True
 
-        signal.signal(signal.SIGINT, request)
+        for number in self.SIGNALS:
+            signal.signal(number, request)
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for number, handler in previous.items():
+                signal.signal(number, handler)
 
 
-def write_config(run_dir: Path, config: TrainConfig, data: Path, case_ids: list[str]) -> None:
-    # Absolute, so that later commands find the dataset from any working directory.
-    payload = {"version": __version__, "data": str(Path(data).resolve()), **config.to_dict(), "cases": case_ids}
+def write_config(run_dir: Path, config: TrainConfig, data: Path, case_ids: list[str], cache: Path | None = None) -> None:
+    # Absolute, so that later commands find the dataset (and its prepared cases) from any working directory.
+    cache = Path(cache or default_cache_dir()).resolve()
+    payload = {"version": __version__, "data": str(Path(data).resolve()), "cache": str(cache), **config.to_dict(), "cases": case_ids}
     atomic_write_text(run_dir / CONFIG_NAME, json.dumps(payload, indent=2) + "\n")
 
 
@@ -145,13 +160,32 @@ def read_config(run_dir: Path) -> tuple[TrainConfig, Path]:
     return TrainConfig.from_dict(payload), Path(payload["data"])
 
 
-def prepare_data(data: Path, config: TrainConfig, run_dir: Path, progress: bool) -> tuple[PreparedData, TrainConfig]:
-    """Read, check and preprocess the dataset; the output channels follow the chosen labels."""
+def run_cache_dir(run_dir: Path) -> Path:
+    """The cache a run's cases were prepared in (the default cache for runs that did not record one)."""
+    return Path(json.loads((Path(run_dir) / CONFIG_NAME).read_text()).get("cache") or default_cache_dir())
+
+
+def prepare_data(data: Path, config: TrainConfig, cache_dir: Path, world: World = World(), progress: bool = True) -> tuple[PreparedData, TrainConfig]:
+    """Read, check and preprocess the dataset; the output channels follow the chosen labels.
+
+    With several processes, those of each machine prepare a share of the cases first (every machine
+    then has all of them, on a shared file system or not), and then all read the whole cache.
+    """
     dataset = read_dataset(data, config.layout)
     selection = select_labels(dataset, config.label)
     config = replace(config, model=replace(config.model, out_channels=selection.num_classes))
-    prepared = prepare_cases(dataset, selection, config.preprocess, run_dir / "cache", skip_bad=config.skip_bad, progress=progress)
+    if world.size > 1:
+        share = dataset.cases[world.local_rank :: world.local_size]
+        fill_cache(dataset, selection, config.preprocess, cache_dir, cases=share, workers=config.workers, progress=progress)
+        world.barrier()
+    prepared = prepare_cases(dataset, selection, config.preprocess, cache_dir, skip_bad=config.skip_bad, progress=progress, workers=config.workers)
     return prepared, config
+
+
+def initial_model(config: TrainConfig, case_ids: list[str], device: torch.device) -> HyperSORT:
+    """The untrained model of a run: the same on every process, since all seed alike."""
+    torch.manual_seed(config.seed)
+    return HyperSORT(config.model, case_ids).to(device)
 
 
 def build_optimizers(model: HyperSORT, config: TrainConfig, device: torch.device) -> dict[str, torch.optim.Optimizer]:
@@ -184,128 +218,246 @@ def _full_disk_is_a_clear_error(run_dir: Path) -> Iterator[None]:
         raise CheckpointError(f"{error.filename or run_dir}: no space left on the device; the checkpoints already written are intact") from error
 
 
-def fit(data: Path, run_dir: Path, config: TrainConfig, resume: bool = False, progress: bool = True, overwrite: bool = False) -> FitResult:
-    """Train HyperSORT on a dataset folder; everything lands in run_dir (see README: the run folder)."""
+def fit(
+    data: Path,
+    run_dir: Path,
+    config: TrainConfig,
+    resume: bool = False,
+    progress: bool = True,
+    overwrite: bool = False,
+    cache_dir: Path | None = None,
+) -> FitResult:
+    """Train HyperSORT on a dataset folder; everything lands in run_dir (see README: the run folder).
+
+    Started by torchrun, every process calls this: they train as one (see distributed.py), and only
+    rank 0 writes the run folder or prints.  cache_dir: where prepared cases are kept (default_cache_dir()).
+    """
     config.validate()
-    run_dir = Path(run_dir)
+    resolve_device(config.device)
+    if cache_dir is None:
+        cache_dir = run_cache_dir(run_dir) if resume and (Path(run_dir) / CONFIG_NAME).is_file() else default_cache_dir()
+    with joined(config.device) as world:
+        return _fit(world, Path(data), Path(run_dir), config, resume, progress and world.is_main, overwrite, Path(cache_dir))
+
+
+def _fit(world: World, data: Path, run_dir: Path, config: TrainConfig, resume: bool, progress: bool, overwrite: bool, cache_dir: Path) -> FitResult:
     if not resume and not overwrite and any(path.exists() for path in checkpoint_paths(run_dir)):
         raise ConfigError(f"{run_dir} already holds a run: --resume continues it, --overwrite starts it again")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(config.device)
-    payload = resume_latest_checkpoint(run_dir) if resume else None
-    (remove_interrupted_writes if resume else remove_checkpoints)(run_dir)
+    device = world.device(config.device)
+    payload = _resume_payload(run_dir, world) if resume else None
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (remove_interrupted_writes if resume else remove_checkpoints)(run_dir)
     with _full_disk_is_a_clear_error(run_dir):
-        prepared, config = prepare_data(Path(data), config, run_dir, progress)
+        prepared, config = prepare_data(data, config, cache_dir, world, progress)
         case_ids = [case.case_id for case in prepared.cases]
-        write_config(run_dir, config, Path(data), case_ids)
-    if device.type == "cpu" and config.preset == "paper" and payload is None:
+        if world.is_main:
+            write_config(run_dir, config, data, case_ids, cache_dir)
+    if world.is_main and device.type == "cpu" and config.preset == "paper" and payload is None:
         steps = math.ceil(len(case_ids) / config.batch_size)
         print(f"estimated time per epoch on this CPU: {steps * estimated_step_seconds(config) / 60:.1f} min ({steps} steps); --preset small is CPU-sized")
 
-    torch.manual_seed(config.seed)
-    model = HyperSORT(config.model, case_ids).to(device)
+    model = initial_model(config, case_ids, device)
     optimizers = build_optimizers(model, config, device)
-    state = restore_checkpoint(payload, model, optimizers) if payload else TrainingState()
+    state = restore_checkpoint(payload, model, optimizers) if payload else TrainingState(processes=world.size)
+    _seed_this_process(payload, state, config, world)
     with _full_disk_is_a_clear_error(run_dir):
-        stopped = _train(model, optimizers, state, TrainingSet(prepared), config, device, run_dir, progress)
+        stopped = _train(model, optimizers, state, TrainingSet(prepared), config, device, run_dir, progress, world)
     unreadable = [DataError(case_ids[index], "its cache became unreadable during training; left out from then on") for index in state.unreadable_cases]
     return FitResult(run_dir, case_ids, state.epoch, stopped, prepared.bad + unreadable)
 
 
-def _train(model, optimizers, state, training_set, config, device, run_dir, progress) -> str | None:
-    n_cases = len(training_set)
+def _resume_payload(run_dir: Path, world: World) -> dict:
+    """The checkpoint to continue from: rank 0 picks it (setting a damaged one aside), the others read the same file."""
+    found = resume_latest_checkpoint(run_dir) if world.is_main else None
+    chosen = world.broadcast(found[1] if found else None)
+    return found[0] if found else load_checkpoint(chosen)
+
+
+def _seed_this_process(payload: dict | None, state: TrainingState, config: TrainConfig, world: World) -> None:
+    """Each process draws its own random crops: its saved random state, or a seed of its own."""
+    saved = rng_states(payload) if payload else []
+    if world.rank < len(saved):
+        restore_rng(saved[world.rank])
+    else:
+        torch.manual_seed(world.seed(config.seed, state.epoch))
+    if payload and state.processes != world.size:
+        if world.is_main:
+            _warn(f"the run was trained by {state.processes} processes and continues with {world.size}: the effective batch changes "
+                  f"from {config.batch_size * state.processes} to {config.batch_size * world.size}")
+        state.processes = world.size
+
+
+def _train(model, optimizers, state, training_set, config, device, run_dir, progress, world: World) -> str | None:
     autocast = autocast_for(config.precision, device)
+    hypernet = world.synchronized(model.hypernet, device)
     stop = _StopFlag()
     started = time.monotonic() - state.elapsed_seconds
     budget = None if config.max_minutes is None else config.max_minutes * 60
 
     def checkpoint() -> None:
+        """Every process's random state into rank 0's checkpoint; once this returns, the file is on disk."""
         state.elapsed_seconds = time.monotonic() - started
-        save_checkpoint(run_dir, model, optimizers, state)
+        rng = world.gather(rng_state())
+        if world.is_main:
+            save_checkpoint(run_dir, model, optimizers, state, rng)
+        world.barrier()
 
     def save_progress() -> None:
         checkpoint()
-        write_epoch_outputs(run_dir, model, state)
+        if world.is_main:
+            write_epoch_outputs(run_dir, model, state)
 
     with stop.installed():
         while state.epoch < config.epochs:
             if not state.epoch_order:
-                _start_epoch(state, n_cases)
-            order = state.epoch_order
-            batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+                _start_epoch(state, len(training_set), config.seed)
+            global_batches = _global_batches(state, config.batch_size * world.size)
+            # Each process takes its share of every batch (the shares differ in size by at most one case).
+            shares = [np.array_split(batch, world.size)[world.rank].tolist() for batch in global_batches]
             # The loader's own generator keeps the global RNG (saved in checkpoints) untouched by resuming.
-            loader_rng = torch.Generator().manual_seed(config.seed * 100_003 + state.epoch)
             loader = DataLoader(
                 _SkipsUnreadableCases(training_set),
-                batch_sampler=batches[state.step_in_epoch :],
+                batch_sampler=shares,
                 num_workers=config.workers,
-                generator=loader_rng,
+                generator=torch.Generator().manual_seed(world.seed(config.seed, state.epoch, LOADER_SEED)),
                 collate_fn=_collate_readable,
             )
-            bar = tqdm(loader, total=len(batches), initial=state.step_in_epoch, desc=f"epoch {state.epoch + 1}/{config.epochs}", disable=not progress, leave=False)
-            for batch in bar:
-                _leave_out_unreadable(state, batch["unreadable"])
-                if len(batch["index"]):
-                    terms, stepped = _train_step(model, optimizers, batch, config, device, autocast)
-                    _record_step(state, terms, stepped)
-                    bar.set_postfix(loss=f"{float(terms.total):.4f}", latent=f"{_mean_latent_norm(model):.4f}")
+            total = state.step_in_epoch + len(global_batches)
+            bar = tqdm(loader, total=total, initial=state.step_in_epoch, desc=f"epoch {state.epoch + 1}/{config.epochs}", disable=not progress, leave=False)
+            for batch, global_batch in zip(bar, global_batches):
+                over_budget = budget is not None and time.monotonic() - started > budget
+                step = _train_step(model, optimizers, batch, config, device, autocast, hypernet, world, global_batch, (stop.requested, over_budget))
+                _leave_out_unreadable(state, step.unreadable, report=world.is_main)
+                if step.cases:
+                    _record_step(state, step, report=world.is_main)
+                    bar.set_postfix(loss=f"{step.loss:.4f}", latent=f"{_mean_latent_norm(model):.4f}")
                 state.step_in_epoch += 1
+                state.cases_done_in_epoch += len(global_batch)
                 if state.skipped_in_a_row >= MAX_NONFINITE_IN_A_ROW:
                     bar.close()
                     state.skipped_in_a_row = 0  # a resumed run gets a fresh allowance
                     save_progress()  # skipped steps never changed the model: this is the last good state
                     raise _diverged(state, run_dir)
-                over_budget = budget is not None and time.monotonic() - started > budget
-                if stop.requested or over_budget:
+                if step.stop:
                     bar.close()
                     save_progress()
-                    return "interrupted" if stop.requested else "time budget"
+                    return step.stop
             bar.close()
-            _finish_epoch(model, state, len(batches), time.monotonic() - started, progress)
-            write_epoch_outputs(run_dir, model, state)
+            _finish_epoch(model, state, total, time.monotonic() - started, progress)
+            if world.is_main:
+                write_epoch_outputs(run_dir, model, state)
             if state.epoch % config.checkpoint_every == 0 or state.epoch == config.epochs:
                 checkpoint()
     return None
 
 
-def _start_epoch(state: TrainingState, n_cases: int) -> None:
-    """A fresh random case order, without the cases whose cache became unreadable."""
-    state.epoch_order = [index for index in torch.randperm(n_cases).tolist() if index not in state.unreadable_cases]
+def _start_epoch(state: TrainingState, n_cases: int, seed: int) -> None:
+    """A fresh random case order (the same in every process), without the cases whose cache became unreadable."""
+    generator = torch.Generator().manual_seed(derived_seed(seed, state.epoch))
+    state.epoch_order = [index for index in torch.randperm(n_cases, generator=generator).tolist() if index not in state.unreadable_cases]
     if not state.epoch_order:
         raise DataError("the cache of every case became unreadable during training; nothing is left to train on")
-    state.step_in_epoch, state.skipped_in_epoch = 0, 0
+    state.step_in_epoch, state.cases_done_in_epoch, state.skipped_in_epoch = 0, 0, 0
     state.epoch_sums = dict.fromkeys((*SUM_KEYS, "steps"), 0.0)  # "steps": how many finite steps the sums hold
 
 
-def _train_step(model, optimizers, batch, config, device, autocast):
-    """One optimizer step, and whether it was taken: a NaN or Inf loss takes none and computes no gradients."""
-    image = batch["image"].to(device, non_blocking=True)
-    label = batch["label"].to(device, non_blocking=True)
-    latent = model.latents(batch["index"].to(device))
+def _global_batches(state: TrainingState, size: int) -> list[list[int]]:
+    """The rest of the epoch's case order, in batches of all processes together."""
+    rest = state.epoch_order[state.cases_done_in_epoch :]
+    return [rest[i : i + size] for i in range(0, len(rest), size)]
+
+
+@dataclass
+class StepResult:
+    """One training step as all processes took it together."""
+
+    cases: int  # readable cases in the step, over all processes
+    terms: dict[str, float]  # batch means of the loss terms (SUM_KEYS), over all processes
+    stepped: bool  # False: the loss was NaN or Inf, no parameter changed
+    unreadable: list[tuple[int, str]]  # cases found unreadable in this step, as (index, problem)
+    stop: str | None  # "interrupted" or "time budget" when any process asked to stop after this step
+
+    @property
+    def loss(self) -> float:
+        return self.terms["loss"]
+
+
+def _train_step(model, optimizers, batch, config, device, autocast, hypernet=None, world: World = World(), global_batch=None, stop_flags=(False, False)) -> StepResult:
+    """One optimizer step of all processes on their shares of a batch; a NaN or Inf loss anywhere takes none.
+
+    Each process weighs its mean loss by its share of the batch (times the number of processes, which
+    DistributedDataParallel divides by again), so the gradients are those of the whole batch's mean loss,
+    exactly as one process with the whole batch would compute them.
+    """
+    hypernet = hypernet or model.hypernet
+    image, label, latent = _inputs(model, batch, config, device)
     with autocast:
-        logits = model(image, latent)
+        logits = model.segment(image, hypernet(latent))
     terms = hypersort_loss(logits, label, latent, config.l1)
+    local = len(batch["index"])
+    unreadable_here = batch.get("unreadable", [])
+    counts = [local, local > 0 and not bool(torch.isfinite(terms.total)), len(unreadable_here), *stop_flags]
+    sums = torch.stack([terms.total, terms.cross_entropy, terms.dice, terms.latent_l1]).detach().double() * local
+    summed = world.sum(torch.cat([torch.tensor(counts, dtype=torch.float64, device=device), sums])).tolist()
+    cases, nonfinite, unreadable_anywhere, interrupted, over_budget = (int(value) for value in summed[:5])
+    unreadable = [item for items in world.gather(unreadable_here) for item in items] if unreadable_anywhere else []
     for optimizer in optimizers.values():
         optimizer.zero_grad(set_to_none=True)
-    finite = bool(torch.isfinite(terms.total))
-    if finite:
-        terms.total.backward()
+    stepped = cases > 0 and not nonfinite
+    if stepped:
+        (terms.total * (local * world.size / cases)).backward()
+        lost = {index for index, _ in unreadable}
+        rows = batch["index"].tolist() if global_batch is None else global_batch
+        _share_latent_gradients(model, sorted(set(rows) - lost), world)
         for optimizer in optimizers.values():
             optimizer.step()
-    return replace(terms, **{k: v.detach() for k, v in vars(terms).items()}), finite
+    means = {key: total / cases if cases else math.nan for key, total in zip(SUM_KEYS, summed[5:])}
+    stop = "interrupted" if interrupted else "time budget" if over_budget else None
+    return StepResult(cases, means, stepped, unreadable, stop)
 
 
-def _record_step(state: TrainingState, terms, stepped: bool) -> None:
+def _inputs(model: HyperSORT, batch: dict, config: TrainConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Images, labels and latents of this process's share; a process with no case this step (the end of an
+    epoch, unreadable files) runs one blank case of weight 0, since every process must take part in the step."""
+    if len(batch["index"]):
+        latent = model.latents(batch["index"].to(device))
+        return batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True), latent
+    roi, dtype = config.preprocess.roi, model.latents.weight.dtype
+    image = torch.zeros(1, model.config.in_channels, *roi, dtype=dtype, device=device)
+    return image, torch.zeros(1, *roi, dtype=torch.long, device=device), torch.zeros(1, model.config.latent_dim, dtype=dtype, device=device)
+
+
+def _share_latent_gradients(model: HyperSORT, rows: list[int], world: World) -> None:
+    """Give every process the gradient of every latent in the batch, so that all take the same SparseAdam step.
+
+    A case's latent gets its gradient only in the process whose share holds it; DistributedDataParallel
+    would average it with the others' zeros and shrink it by the number of processes.  Instead each
+    process adds its rows into one [rows, d] block, the blocks are summed, and the sum is divided by the
+    number of processes once (the loss weighting in _train_step multiplied it in).
+    """
+    weight = model.latents.weight
+    position = torch.tensor(rows, device=weight.device)
+    block = torch.zeros(len(rows), weight.shape[1], device=weight.device, dtype=weight.dtype)
+    if weight.grad is not None:
+        grad = weight.grad.coalesce()
+        block.index_add_(0, torch.searchsorted(position, grad.indices()[0]), grad.values())
+    world.sum(block).div_(world.size)
+    weight.grad = torch.sparse_coo_tensor(position[None], block, weight.shape, is_coalesced=True, check_invariants=False)  # rows: sorted, unique
+
+
+def _record_step(state: TrainingState, step: StepResult, report: bool) -> None:
     """Add a taken step to the epoch's sums; count and report a skipped one."""
-    if stepped:
-        for key, value in zip(SUM_KEYS, (terms.total, terms.cross_entropy, terms.dice, terms.latent_l1)):
-            state.epoch_sums[key] += value.item()
+    if step.stepped:
+        for key in SUM_KEYS:
+            state.epoch_sums[key] += step.terms[key]
         state.epoch_sums["steps"] += 1
         state.skipped_in_a_row = 0
         return
     state.skipped_in_epoch += 1
     state.skipped_in_a_row += 1
-    _warn(f"epoch {state.epoch + 1}, step {state.step_in_epoch + 1}: the loss is {float(terms.total)}; step skipped ({state.skipped_in_a_row} in a row)")
+    if report:
+        _warn(f"epoch {state.epoch + 1}, step {state.step_in_epoch + 1}: the loss is {step.loss}; step skipped ({state.skipped_in_a_row} in a row)")
 
 
 def _diverged(state: TrainingState, run_dir: Path) -> TrainingDiverged:
@@ -356,12 +508,13 @@ def _collate_readable(items: list[dict]) -> dict:
     return batch
 
 
-def _leave_out_unreadable(state: TrainingState, unreadable: list[tuple[int, str]]) -> None:
+def _leave_out_unreadable(state: TrainingState, unreadable: list[tuple[int, str]], report: bool) -> None:
     """Report each newly unreadable case once; later epochs leave it out."""
     for index, problem in unreadable:
         if index not in state.unreadable_cases:
             state.unreadable_cases.append(index)
-            _warn(f"{problem}; the case is left out of training from now on")
+            if report:
+                _warn(f"{problem}; the case is left out of training from now on")
 
 
 def _warn(message: str) -> None:

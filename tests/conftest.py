@@ -1,6 +1,10 @@
 import os
+import tempfile
 
 import torch
+
+# Prepared cases go to a cache shared across runs (~/.cache/hypersort by default): never the user's in tests.
+os.environ["HSORT_CACHE"] = tempfile.mkdtemp(prefix="hsort-test-cache-")
 
 # Triton decides between compiling and interpreting when it is first imported, and other code (torch's
 # own FLOP counter, the benchmarks) may import it before a kernel test runs: without a GPU, interpret.
@@ -13,6 +17,14 @@ from tiny_runs import tiny_config  # noqa: E402
 
 from hypersort_core.data import make_synthetic_dataset  # noqa: E402
 from hypersort_core.train import fit  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(monkeypatch, tmp_path):
+    """Each test prepares its cases in a cache of its own (what one test damages, no other sees)."""
+    path = tmp_path / "hsort-cache"
+    monkeypatch.setenv("HSORT_CACHE", str(path))
+    return path
 
 
 @pytest.fixture

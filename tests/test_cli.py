@@ -4,10 +4,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
+
+from cli_checks import logged_epochs, wait_for
 
 from hypersort_core.checkpoint import load_checkpoint
 
@@ -20,22 +21,6 @@ def hsort(*args: str, **kwargs) -> subprocess.CompletedProcess:
 
 def start_hsort(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "hypersort_core.cli", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def logged_epochs(run) -> list[int]:
-    try:
-        with open(run / "log.csv", newline="") as handle:
-            return [int(row["epoch"]) for row in csv.DictReader(handle)]
-    except FileNotFoundError:
-        return []
-
-
-def wait_for(condition, timeout: float = 240.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail("timed out waiting for training to progress")
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")

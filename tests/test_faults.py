@@ -208,13 +208,13 @@ def test_a_loss_that_stays_nan_ends_hsort_fit_with_one_line_and_exit_code_2(data
 
 
 @pytest.mark.parametrize("damage", [delete, truncate])
-def test_a_case_whose_cache_becomes_unreadable_mid_run_is_reported_once_and_left_out(dataset, tmp_path, monkeypatch, capsys, damage):
+def test_a_case_whose_cache_becomes_unreadable_mid_run_is_reported_once_and_left_out(dataset, tmp_path, monkeypatch, capsys, damage, cache_dir):
     real_write, latents_after_epoch_1 = hypersort_core.train.write_epoch_outputs, []
 
     def damage_a_case_after_epoch_1(run_dir, model, state):
         real_write(run_dir, model, state)
         if state.epoch == 1:
-            damage(next(Path(run_dir, "cache").rglob("*synth_003*.label.npy")))
+            damage(next(cache_dir.rglob("*synth_003*.label.npy")))
             latents_after_epoch_1.append(model.latents.weight.detach().clone())
 
     monkeypatch.setattr(hypersort_core.train, "write_epoch_outputs", damage_a_case_after_epoch_1)

@@ -1,7 +1,7 @@
 """The data pipeline: dataset readers, label selection, preprocessing with a cache, the training set
 and synthetic phantoms."""
 
-from .cache import PreparedCase, PreparedData, prepare_cases
+from .cache import PreparedCase, PreparedData, default_cache_dir, fill_cache, prepare_cases
 from .errors import DataError
 from .labels import LabelSelection, select_labels
 from .layouts import LAYOUTS, Case, Dataset, read_dataset
@@ -20,6 +20,8 @@ __all__ = [
     "PreparedData",
     "PreprocessConfig",
     "TrainingSet",
+    "default_cache_dir",
+    "fill_cache",
     "make_synthetic_dataset",
     "prepare_cases",
     "read_dataset",

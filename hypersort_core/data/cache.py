@@ -2,14 +2,19 @@
 
 cache_dir/<hash of the settings>/ holds, per case, `{case_id}.{hash of its input files}` .npy
 arrays and a .json record written last, so an interrupted run resumes where it stopped and a
-changed input file (path, size or mtime) is prepared again on its own. Bad cases are recorded
-too, so that a later run reports them without reading their volumes again.
+changed input file (path, size or mtime) is prepared again on its own.  The entries are keyed by
+the input files themselves, so one cache folder serves every run and every dataset: a second run
+with the same settings reads no volume again.  Bad cases are recorded too, so that a later run
+reports them without reading their volumes again.  Every file is written under a temporary name
+and renamed, so processes filling one cache at the same time never see each other's partial files.
 """
 
 import hashlib
 import json
+import multiprocessing
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -24,6 +29,14 @@ from .preprocess import PreprocessConfig, check_resampled_size, preprocess
 from .volumes import case_files, read_case
 
 CACHE_FORMAT = 1  # bump when a change to preprocessing makes existing caches wrong
+CACHE_ENV = "HSORT_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """$HSORT_CACHE, else the user's cache folder ($XDG_CACHE_HOME or ~/.cache) / hypersort."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hypersort"
 
 
 @dataclass
@@ -62,14 +75,14 @@ def prepare_cases(
     cache_dir: Path,
     skip_bad: bool = False,
     progress: bool = True,
+    workers: int = 0,
 ) -> PreparedData:
     """Preprocess every case, or reuse the cached result; bad cases raise, or are skipped with skip_bad."""
-    folder = Path(cache_dir) / settings_hash(dataset, selection, config)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = fill_cache(dataset, selection, config, cache_dir, workers=workers, progress=progress)
     prepared, bad = [], []
-    for case in tqdm(dataset.cases, desc="preparing cases", unit="case", disable=not progress):
+    for case in dataset.cases:
         try:
-            prepared.append(cached_case(case, dataset, selection, config, folder))
+            prepared.append(cached_case(case, selection, folder))
         except DataError as error:
             if not skip_bad:
                 raise
@@ -79,17 +92,54 @@ def prepare_cases(
     return PreparedData(prepared, bad, folder, config)
 
 
-def cached_case(
-    case: Case, dataset: Dataset, selection: LabelSelection, config: PreprocessConfig, folder: Path
-) -> PreparedCase:
-    inputs = [file_stamp(file) for file in case_files(case, selection)]
-    prefix = f"{case.case_id}.{digest(inputs)}"
-    record_file = folder / f"{prefix}.json"
-    if record_file.is_file():
-        record = json.loads(record_file.read_text())
+def fill_cache(
+    dataset: Dataset,
+    selection: LabelSelection,
+    config: PreprocessConfig,
+    cache_dir: Path,
+    cases: Sequence[Case] | None = None,
+    workers: int = 0,
+    progress: bool = True,
+) -> Path:
+    """Preprocess the cases (default: all) that the cache lacks, in `workers` processes; returns the settings' folder.
+
+    A bad case is recorded, not raised: reading the records reports it.
+    """
+    folder = Path(cache_dir) / settings_hash(dataset, selection, config)
+    folder.mkdir(parents=True, exist_ok=True)
+    missing = [case for case in (dataset.cases if cases is None else cases) if not record_path(case, selection, folder).is_file()]
+    jobs = [(case, dataset.declared_values, selection, config, folder) for case in missing]
+    bar = tqdm(total=len(jobs), desc="preparing cases", unit="case", disable=not progress or not jobs)
+    if workers == 0 or len(jobs) < 2:
+        for job in jobs:
+            record_case(*job)
+            bar.update()
     else:
-        record = prepare_case(case, dataset, selection, config, folder, prefix)
-        write_atomically(record_file, lambda file: file.write(json.dumps(record).encode()))
+        # forkserver: a fresh, single-threaded parent for the workers, never a fork of this (threaded) process.
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("forkserver")) as pool:
+            for done in as_completed([pool.submit(record_case, *job) for job in jobs]):
+                done.result()
+                bar.update()
+    bar.close()
+    return folder
+
+
+def record_path(case: Case, selection: LabelSelection, folder: Path) -> Path:
+    """The .json record of a case's cache entry; the name changes when an input file does."""
+    inputs = [file_stamp(file) for file in case_files(case, selection)]
+    return folder / f"{case.case_id}.{digest(inputs)}.json"
+
+
+def record_case(case: Case, declared_values, selection: LabelSelection, config: PreprocessConfig, folder: Path) -> None:
+    """Prepare one case into the cache and write its record last (a finished entry, or its problem)."""
+    record_file = record_path(case, selection, folder)
+    record = prepare_case(case, declared_values, selection, config, folder, record_file.name.removesuffix(".json"))
+    write_atomically(record_file, lambda file: file.write(json.dumps(record).encode()))
+
+
+def cached_case(case: Case, selection: LabelSelection, folder: Path) -> PreparedCase:
+    """The cache entry of a case, from its record; a case recorded as bad raises its DataError."""
+    record = json.loads(record_path(case, selection, folder).read_text())
     if "problem" in record:
         raise DataError(record["path"], record["problem"])
     return PreparedCase(
@@ -104,11 +154,11 @@ def cached_case(
 
 
 def prepare_case(
-    case: Case, dataset: Dataset, selection: LabelSelection, config: PreprocessConfig, folder: Path, prefix: str
+    case: Case, declared_values, selection: LabelSelection, config: PreprocessConfig, folder: Path, prefix: str
 ) -> dict:
     """Read, check and preprocess one case into the cache; returns its record (or its problem)."""
     try:
-        volume = read_case(case, selection, dataset.declared_values)
+        volume = read_case(case, selection, declared_values)
         check_resampled_size(volume, config, case.image)
     except DataError as error:
         return {"path": str(error.path), "problem": error.problem}

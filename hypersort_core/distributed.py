@@ -1,0 +1,116 @@
+"""Training on several processes: torchrun starts them, PyTorch's DistributedDataParallel keeps them in step.
+
+A `World` is who this process is among the others (rank, size) and the few collective operations that
+training needs.  With one process every operation is a no-op, so the training loop has a single code
+path.  torchrun (or `hsort fit --nproc N`, which starts torchrun) sets RANK, LOCAL_RANK, WORLD_SIZE and
+the rendezvous address; `joined()` turns them into a process group: NCCL on CUDA, gloo on the CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+# Rank 0 checks and preprocesses a large dataset while the others wait at the first collective; that
+# can take far longer than PyTorch's default of 10 minutes.
+TIMEOUT_ENV = "HSORT_DIST_TIMEOUT_MINUTES"
+DEFAULT_TIMEOUT_MINUTES = 120
+
+
+@dataclass(frozen=True)
+class World:
+    """This process among the training processes: all of them (size), and which one it is."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0  # index on this machine: which GPU to use
+    local_size: int = 1  # processes on this machine
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes the run folder and prints."""
+        return self.rank == 0
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The element-wise sum of tensor over all processes (in place, and returned)."""
+        if self.size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def gather(self, value: object) -> list:
+        """Every process's value, in rank order, on every process."""
+        if self.size == 1:
+            return [value]
+        values = [None] * self.size
+        dist.all_gather_object(values, value)
+        return values
+
+    def broadcast(self, value: object) -> object:
+        """Rank 0's value, on every process."""
+        if self.size == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            dist.barrier()
+
+    def device(self, name: str) -> torch.device:
+        """The device this process trains on: its own GPU (by local rank) on CUDA."""
+        if name == "auto":
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        if name == "cuda":
+            return torch.device("cuda", self.local_rank)
+        return torch.device(name)
+
+    def seed(self, *values: int) -> int:
+        """A seed of this process's own, derived from values: random crops differ across ranks."""
+        return derived_seed(*values, self.rank)
+
+    def synchronized(self, module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        """module wrapped in DistributedDataParallel (which averages its gradients across processes), or module itself."""
+        if self.size == 1:
+            return module
+        ids = [device.index] if device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+
+def derived_seed(*values: int) -> int:
+    """A well-mixed seed from several integers (the run's seed, the epoch, a rank...)."""
+    return int(np.random.SeedSequence(list(values)).generate_state(1, np.uint64)[0] >> 1)
+
+
+def world_from_environment() -> World:
+    """Who this process is, from the variables torchrun sets (one process when there are none)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(size)))
+    return World(int(os.environ.get("RANK", "0")), size, int(os.environ.get("LOCAL_RANK", "0")), local_size)
+
+
+@contextlib.contextmanager
+def joined(device_name: str) -> Iterator[World]:
+    """This process's World, joined to its process group for the duration (left again on exit).
+
+    A group that the caller already set up is used as it is and left alone.
+    """
+    world = world_from_environment()
+    if world.size == 1 or dist.is_initialized():
+        yield world
+        return
+    device = world.device(device_name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    minutes = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_MINUTES))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=minutes))
+    try:
+        yield world
+    finally:
+        dist.destroy_process_group()

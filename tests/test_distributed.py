@@ -1,0 +1,111 @@
+"""Training on several processes (torchrun, gloo on the CPU) computes what one process computes with the
+same effective batch: the same gradients, every case's latent moving, the same latents after a few steps."""
+import csv
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from cli_checks import logged_epochs, wait_for
+from tiny_runs import tiny_config
+
+from hypersort_core.checkpoint import load_checkpoint
+from hypersort_core.cli.main import _without_option
+from hypersort_core.train import initial_model
+
+TESTS = Path(__file__).parent
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+# The tiny configuration of tiny_runs.py, as `hsort fit` options; 2 cases per process and step.
+TINY = ["--preset", "small", "--base-channels", "4", "--convs-per-level", "1", "--roi", "16", "--checkpoint-every", "1", "--no-analyze", "--quiet"]
+# Two processes sum their float32 gradients in another order than one process does (2e-6 relative at the
+# first step), and Adam lets such differences grow about tenfold a step (measured: the latents agree to
+# 1e-8 after 2 steps, 2e-3 after 4).  In float64 the two agree to 1e-12 (the first test): the computation
+# is the same.  So the end-to-end comparison runs one epoch, 2 steps, against steps of about 1e-2.
+LATENT_TOLERANCE = 1e-6
+
+
+def single_process_environment() -> dict:
+    """This environment without any torchrun variables a surrounding launcher may have set."""
+    names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    return {key: value for key, value in os.environ.items() if key not in names}
+
+
+def run(command: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=cwd, env=single_process_environment(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def hsort_fit(data: Path, out: Path, *options: str, processes: int = 1) -> subprocess.CompletedProcess:
+    nproc = ["--nproc", str(processes)] if processes > 1 else []
+    return run([sys.executable, "-m", "hypersort_core.cli", "fit", str(data), "--out", str(out), *TINY, *nproc, *options])
+
+
+def latents(run_dir: Path) -> np.ndarray:
+    return load_checkpoint(run_dir / "checkpoint.pt")["model"]["latents.weight"].numpy()
+
+
+@pytest.fixture(scope="module")
+def two_process_run(synthetic_dataset, tmp_path_factory):
+    """`hsort fit --nproc 2` for one epoch of 2 steps (batches of 2 + 2 and 2 + 1 cases), and what it printed."""
+    out = tmp_path_factory.mktemp("two") / "run"
+    return out, hsort_fit(synthetic_dataset, out, "--batch-size", "2", "--epochs", "1", processes=2)
+
+
+def test_two_processes_compute_the_gradients_of_one_process_with_the_whole_batch(tmp_path):
+    """In float64, step by step: even shares, uneven shares, and a process left without a case."""
+    run([sys.executable, "distributed_steps.py", str(tmp_path / "one.pt")], cwd=TESTS)
+    run([*TORCHRUN, "distributed_steps.py", str(tmp_path / "two.pt")], cwd=TESTS)
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    for alone, shared in zip(one, two, strict=True):
+        assert shared["loss"] == pytest.approx(alone["loss"], rel=1e-12)
+        for a, b in zip(alone["hypernet_grads"], shared["hypernet_grads"], strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+        # Not shrunk by the number of processes: each latent's gradient is the one-process gradient.
+        torch.testing.assert_close(shared["latent_grad"], alone["latent_grad"], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(shared["latents"], alone["latents"], rtol=0, atol=1e-12)
+
+
+def test_two_processes_train_every_latent_and_match_one_process_with_the_same_effective_batch(two_process_run, synthetic_dataset, tmp_path):
+    two_dir, printed = two_process_run
+    one_dir = tmp_path / "one"
+    hsort_fit(synthetic_dataset, one_dir, "--batch-size", "4", "--epochs", "1")
+    shared, alone = latents(two_dir), latents(one_dir)
+    case_ids = [row["case"] for row in csv.DictReader(open(two_dir / "latents.csv"))]
+    start = initial_model(tiny_config(), case_ids, torch.device("cpu")).latents.weight.detach().numpy()
+    assert np.all(np.abs(shared - start).max(axis=1) > 100 * LATENT_TOLERANCE)  # every case's latent moved
+    np.testing.assert_allclose(shared, alone, rtol=0, atol=LATENT_TOLERANCE)
+    assert printed.stdout.count("finished after 1 epochs") == 1  # rank 0 alone reports
+
+
+def test_a_two_process_run_stopped_mid_epoch_resumes_where_it_stopped(two_process_run, synthetic_dataset, tmp_path):
+    stopped = tmp_path / "run"
+    hsort_fit(synthetic_dataset, stopped, "--batch-size", "2", "--epochs", "1", "--max-minutes", "0", processes=2)
+    state = load_checkpoint(stopped / "checkpoint.pt")["state"]
+    assert (state["epoch"], state["step_in_epoch"], state["cases_done_in_epoch"]) == (0, 1, 4)
+    hsort_fit(synthetic_dataset, stopped, "--resume", "--max-minutes", "60", processes=2)
+    np.testing.assert_allclose(latents(stopped), latents(two_process_run[0]), rtol=0, atol=1e-7)
+
+
+def test_ctrl_c_stops_every_process_after_the_same_step_with_a_checkpoint_to_resume_from(synthetic_dataset, tmp_path):
+    """Ctrl-C reaches the whole process group (torchrun and both trainers): none may hang or lose the checkpoint."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "hypersort_core.cli", "fit", str(synthetic_dataset), "--out", str(out), *TINY, "--nproc", "2", "--epochs", "1000", "--checkpoint-every", "500"]
+    process = subprocess.Popen(command, env=single_process_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for(lambda: len(logged_epochs(out)) >= 1 or process.poll() is not None)
+    os.killpg(process.pid, signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert stdout.count("interrupted after") == 1, stdout + stderr
+    state = load_checkpoint(out / "checkpoint.pt")["state"]
+    assert state["epoch"] >= 1 and state["processes"] == 2
+    hsort_fit(synthetic_dataset, out, "--resume", "--epochs", str(state["epoch"] + 1), processes=2)
+    assert logged_epochs(out) == list(range(1, state["epoch"] + 2))
+
+
+def test_nproc_is_taken_out_of_the_command_that_torchrun_runs():
+    arguments = ["fit", "data", "--nproc", "2", "--out", "run", "--nproc=3", "--quiet"]
+    assert _without_option(arguments, "--nproc") == ["fit", "data", "--out", "run", "--quiet"]
