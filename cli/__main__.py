@@ -1,3 +1,4 @@
 from hypersort_core.cli.main import main
 
-main()
+if __name__ == "__main__":  # processes that prepare cases import this module again
+    main()

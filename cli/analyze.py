@@ -12,12 +12,13 @@ from hypersort_core.cli.options import reports_bad_input
 @click.option("--clusters", type=click.IntRange(min=1), default=None, help="Number of clusters  [default: chosen by BIC, 1 to 6]")
 @click.option("--method", type=click.Choice(["gmm", "kmeans"]), default="gmm", show_default=True, help="Gaussian mixture or k-means.")
 @click.option("--gallery", type=click.IntRange(min=0), default=12, show_default=True, help="Most suspicious cases shown in report.html.")
+@click.option("--pictures", type=click.IntRange(min=0), default=200, show_default=True, help="Most suspicious cases drawn as slice pictures (0.2 s each on a CPU).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where the λ = 0 UNet segments the cases.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @reports_bad_input
-def analyze(run_dir: Path, clusters: int | None, method: str, gallery: int, device: str, quiet: bool) -> None:
+def analyze(run_dir: Path, clusters: int | None, method: str, gallery: int, pictures: int, device: str, quiet: bool) -> None:
     """Score, cluster and rank the training cases of RUN, most suspicious first, and write
     ranking.csv, clusters.csv, latent_map.png, latent_map.html and report.html into it."""
     from hypersort_core.analysis import analyze_run, format_summary
 
-    click.echo(format_summary(analyze_run(run_dir, clusters, method, gallery, device, progress=not quiet)))
+    click.echo(format_summary(analyze_run(run_dir, clusters, method, gallery, device, progress=not quiet, pictures=pictures)))

@@ -62,6 +62,9 @@ RANDOM_STATE = 0  # the same latents give the same clusters on every call
 RESOLUTION = 0.2
 MIN_SHARE = 1e-6  # cases: a component holding less once a case has left it is gone
 GALLERY = 12
+# Slice pictures drawn, most suspicious first: each takes about 0.2 s on a CPU and 20 kB in the pages,
+# so drawing every case of a dataset of thousands would take minutes for pictures nobody scrolls to.
+PICTURES = 200
 PRINTED_CASES = 10
 RANKING_NAME = "ranking.csv"
 LATENTS_NAME = "latents.csv"
@@ -99,7 +102,7 @@ class Analysis:
     latents: np.ndarray  # [N, d]
     clustering: Clustering
     dice: np.ndarray  # [N] given label vs λ = 0 prediction
-    pictures: list[bytes]  # [N] PNG: slices with the given label's and the λ = 0 prediction's contours
+    pictures: list[bytes | None]  # [N] PNG: slices with the given label's and the λ = 0 prediction's contours (None: not drawn)
     gallery: int  # cases shown in report.html, worst first
 
     @cached_property
@@ -110,8 +113,7 @@ class Analysis:
 
     @cached_property
     def ranking(self) -> np.ndarray:
-        """Case indices by latent norm, largest first (ties keep the case order)."""
-        return np.argsort(-self.columns["norm"], kind="stable")
+        return rank_cases(self.latents)
 
     @property
     def files(self) -> dict[str, Path]:
@@ -125,16 +127,29 @@ class Analysis:
         return DESCRIPTIONS[column]
 
 
+def rank_cases(latents: np.ndarray) -> np.ndarray:
+    """Case indices by latent norm, largest first (ties keep the case order): most suspicious first."""
+    return np.argsort(-np.linalg.norm(latents, axis=1), kind="stable")
+
+
 def analyze_run(
-    run_dir: Path | str, clusters: int | None = None, method: str = "gmm", gallery: int = GALLERY, device: str = "auto", progress: bool = True
+    run_dir: Path | str,
+    clusters: int | None = None,
+    method: str = "gmm",
+    gallery: int = GALLERY,
+    device: str = "auto",
+    progress: bool = True,
+    pictures: int = PICTURES,
 ) -> Analysis:
     """Score, cluster and rank the cases of a run folder and write every analysis file into it.
 
-    This is the whole of `hsort analyze`, and what `fit` calls when training ends."""
+    This is the whole of `hsort analyze`, and what `fit` calls when training ends.  The `pictures`
+    most suspicious cases (and at least the gallery's) get a slice picture."""
     run = load_run(run_dir, device)
     latents = run.latents()
     clustering = find_clusters(latents, clusters, method)  # before the predictions: a bad --clusters fails at once
-    dice, pictures = review_cases(run, progress)
+    drawn = set(rank_cases(latents)[: max(pictures, gallery)].tolist())
+    dice, pictures = review_cases(run, drawn, progress)
     analysis = Analysis(
         run_dir=run.run_dir,
         data=run.data,
@@ -240,9 +255,9 @@ def numbered(method: str, members: np.ndarray, centroids: np.ndarray, main: int,
 # Each case against the main style
 
 
-def review_cases(run: Run, progress: bool = False) -> tuple[np.ndarray, list[bytes]]:
+def review_cases(run: Run, drawn: set[int], progress: bool = False) -> tuple[np.ndarray, list[bytes | None]]:
     """For each training case: the Dice between its given label and the λ = 0 prediction on its
-    prepared ROI, and the picture of both contours."""
+    prepared ROI, and for the cases `drawn` (indices) the picture of both contours."""
     prepared = {case.case_id: case for case in run.prepared(progress=progress).cases}
     missing = [case_id for case_id in run.case_ids if case_id not in prepared]
     if missing:
@@ -250,12 +265,12 @@ def review_cases(run: Run, progress: bool = False) -> tuple[np.ndarray, list[byt
     main_style = np.zeros(run.config.model.latent_dim, dtype=np.float32)
     plane_names = ("axial", "coronal", "sagittal") if run.config.preprocess.reorient else ("x–y", "x–z", "y–z")
     dice, pictures = [], []
-    for case_id in tqdm(run.case_ids, desc="λ = 0 predictions", unit="case", disable=not progress):
+    for index, case_id in enumerate(tqdm(run.case_ids, desc="λ = 0 predictions", unit="case", disable=not progress)):
         case = prepared[case_id]
         image, label = scored_roi(case, run.config.preprocess)
         prediction = run.segment(image, main_style)
         dice.append(foreground_dice(prediction, label, run.config.model.out_channels))
-        pictures.append(case_picture(image, label, prediction, voxel_sizes(case.affine), plane_names))
+        pictures.append(case_picture(image, label, prediction, voxel_sizes(case.affine), plane_names) if index in drawn else None)
     return np.array(dice), pictures
 
 

@@ -20,14 +20,15 @@ from scipy.spatial.distance import cdist  # noqa: E402
 from hypersort_core.atomic import atomic_savefig, atomic_write_text  # noqa: E402
 
 LABELLED_OUTLIERS = 5
+DISTANCE_BLOCK = 512  # cases per block of the distance matrix: memory grows with N, not N²
 
 
 def latent_scores(latents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(norm, mean_dist) per case for latents [N, d]; mean_dist excludes the case itself."""
     norm = np.linalg.norm(latents, axis=1)
     n = len(latents)
-    mean_dist = cdist(latents, latents).sum(axis=1) / max(n - 1, 1)
-    return norm, mean_dist
+    blocks = [cdist(latents[start : start + DISTANCE_BLOCK], latents).sum(axis=1) for start in range(0, n, DISTANCE_BLOCK)]
+    return norm, np.concatenate(blocks) / max(n - 1, 1)
 
 
 def write_latents_csv(run_dir: Path, case_ids: list[str], latents: np.ndarray) -> None:
@@ -55,7 +56,7 @@ def map_plane(latents: np.ndarray) -> np.ndarray:
 
 def plot_latent_map(run_dir: Path, case_ids: list[str], latents: np.ndarray, epoch: int) -> None:
     """The first two latent axes, coloured by norm, with the most distant cases named."""
-    norm, _ = latent_scores(latents)
+    norm = np.linalg.norm(latents, axis=1)
     xy = map_plane(latents)
     figure, axis = plt.subplots(figsize=(5.5, 5))
     points = axis.scatter(xy[:, 0], xy[:, 1], c=norm, cmap="viridis", s=22, edgecolors="k", linewidths=0.3)

@@ -167,7 +167,7 @@ def map_section(analysis: Analysis) -> str:
         '<button id="zoom-reset">reset</button> <span class="hint">wheel: zoom · drag: pan · click a point: its slices</span></div>'
         '<div class="map-row"><div><svg id="map" width="560" height="440" viewBox="0 0 560 440" role="img" aria-label="latent map"></svg><div id="legend"></div></div>'
         '<aside id="panel"><h3 id="panel-caption">Click a point to see its case.</h3><p id="panel-style"></p>'
-        '<img id="panel-picture" alt="" hidden><table id="panel-scores"></table><p id="panel-label" class="file"></p></aside></div>'
+        '<img id="panel-picture" alt="" hidden><p id="panel-note" class="meta"></p><table id="panel-scores"></table><p id="panel-label" class="file"></p></aside></div>'
         '<div id="tip" hidden></div></section>'
         f'<script type="application/json" id="map-data">{script_json(map_data(analysis))}</script>'
         f"<script>{MAP_SCRIPT}</script>"
@@ -191,7 +191,7 @@ def map_data(analysis: Analysis) -> dict:
                 "rank": int(rank[i]),
                 "label": analysis.label_files[i],
                 "values": [float(values[i]) for values in columns.values()],
-                "picture": data_uri(analysis.pictures[i]),
+                "picture": data_uri(analysis.pictures[i]) if analysis.pictures[i] else None,
             }
             for i, case_id in enumerate(analysis.case_ids)
         ],
@@ -383,9 +383,12 @@ MAP_SCRIPT = """
     points.forEach((point, k) => point.classList.toggle("selected", k === i));
     $("panel-caption").textContent = c.id;
     $("panel-style").textContent = style;
-    picture.src = c.picture;
-    picture.alt = `slices of ${c.id}`;
-    picture.hidden = false;
+    picture.hidden = !c.picture;
+    if (c.picture) {
+      picture.src = c.picture;
+      picture.alt = `slices of ${c.id}`;
+    }
+    $("panel-note").textContent = c.picture ? "" : "No picture: only the most suspicious cases get one (hsort analyze --pictures N).";
     const table = $("panel-scores");
     table.replaceChildren();
     for (const line of scores) {

@@ -1,6 +1,7 @@
 """`hsort analyze`: scores, clusters and the worst-first ranking, on latents with a known answer and
 on a trained run."""
 import csv
+import json
 import shutil
 from pathlib import Path
 
@@ -163,3 +164,15 @@ def test_cli_refuses_bad_input_in_one_line(trained_run, tmp_path):
     assert_one_line_error(runner.invoke(analyze, [str(run_dir), "--clusters", "99", "--quiet"]), "--clusters 99")
     assert_one_line_error(runner.invoke(analyze, [str(tmp_path), "--quiet"]), tmp_path)
     assert not (run_dir / "ranking.csv").exists()
+
+
+def test_only_the_most_suspicious_cases_get_a_slice_picture(trained_run, tmp_path):
+    """Thousands of cases would take minutes to draw: the map says why a case has no picture."""
+    run_dir = Path(shutil.copytree(trained_run, tmp_path / "run"))
+    analysis = analyze_run(run_dir, gallery=1, pictures=2, progress=False)
+    drawn = {i for i, picture in enumerate(analysis.pictures) if picture is not None}
+    assert drawn == set(analysis.ranking[:2].tolist())
+    page = (run_dir / "latent_map.html").read_text()
+    data = json.loads(page.split('<script type="application/json" id="map-data">')[1].split("</script>")[0])
+    assert sum(case["picture"] is None for case in data["cases"]) == len(analysis.case_ids) - 2
+    assert "only the most suspicious cases get one" in page
