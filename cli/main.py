@@ -163,7 +163,7 @@ def _print_fit_summary(result, data: Path) -> None:
 
     run = result.run_dir
     how = {None: "finished", "time budget": "stopped at the time budget", "interrupted": "interrupted"}[result.stopped]
-    click.echo(f"{how} after {result.epochs_done} epochs; run folder: {run}")
+    click.echo(f"{how} after {result.epochs_done} epoch{'' if result.epochs_done == 1 else 's'}; run folder: {run}")
     for name, what in [("latents.csv", "latents and scores"), ("latent_map.png", "latent map"), ("log.csv", "per-epoch log"), ("progress.png", "loss curves"), ("checkpoint.pt", "checkpoint (continue with --resume)")]:
         click.echo(f"  {run / name}  ({what})")
     for error in result.bad_cases:

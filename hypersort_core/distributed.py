@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from hypersort_core.config import ConfigError
+
 # Rank 0 checks and preprocesses a large dataset while the others wait at the first collective; that
 # can take far longer than PyTorch's default of 10 minutes.
 TIMEOUT_ENV = "HSORT_DIST_TIMEOUT_MINUTES"
@@ -107,6 +109,8 @@ def joined(device_name: str) -> Iterator[World]:
         return
     device = world.device(device_name)
     if device.type == "cuda":
+        if world.local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"{world.local_size} processes on this machine, but it has {torch.cuda.device_count()} GPUs: start one process per GPU")
         torch.cuda.set_device(device)
     minutes = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_MINUTES))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=minutes))

@@ -79,7 +79,7 @@ def test_two_processes_train_every_latent_and_match_one_process_with_the_same_ef
     start = initial_model(tiny_config(), case_ids, torch.device("cpu")).latents.weight.detach().numpy()
     assert np.all(np.abs(shared - start).max(axis=1) > 100 * LATENT_TOLERANCE)  # every case's latent moved
     np.testing.assert_allclose(shared, alone, rtol=0, atol=LATENT_TOLERANCE)
-    assert printed.stdout.count("finished after 1 epochs") == 1  # rank 0 alone reports
+    assert printed.stdout.count("finished after 1 epoch;") == 1  # rank 0 alone reports
 
 
 def test_a_two_process_run_stopped_mid_epoch_resumes_where_it_stopped(two_process_run, synthetic_dataset, tmp_path):

@@ -11,6 +11,7 @@ import torch
 from dataset_writers import phantom, write_case, write_nnunet, write_totalsegmentator
 
 from hypersort_core.data import (
+    DataError,
     PreprocessConfig,
     TrainingSet,
     prepare_cases,
@@ -233,3 +234,25 @@ def test_config_round_trips_through_json():
 def test_config_refuses_impossible_settings(options):
     with pytest.raises(ValueError):
         PreprocessConfig(**options)
+
+
+def test_cases_prepared_by_worker_processes_are_those_prepared_in_this_process(tmp_path, synthetic_dataset):
+    """--workers N fills the cache in N processes: the same arrays and geometry, and the same bad cases."""
+    config = PreprocessConfig(roi=(16, 16, 16))
+    alone = prepare(synthetic_dataset, config, tmp_path / "alone")
+    parallel = prepare(synthetic_dataset, config, tmp_path / "parallel", workers=2)
+    assert [case.case_id for case in parallel.cases] == [case.case_id for case in alone.cases]
+    for a, b in zip(alone.cases, parallel.cases):
+        np.testing.assert_array_equal(a.load_image(), b.load_image())
+        np.testing.assert_array_equal(a.load_label(), b.load_label())
+        np.testing.assert_array_equal(a.affine, b.affine)
+
+
+def test_a_bad_case_found_by_a_worker_process_is_reported_like_any_other(tmp_path):
+    root = tmp_path / "data"
+    write_nnunet(root, n_cases=3)
+    (root / "labelsTr" / "case_001.nii.gz").write_bytes(b"not a NIfTI file")
+    with pytest.raises(DataError, match="case_001"):
+        prepare(root, PreprocessConfig(roi=(8, 8, 8)), tmp_path / "cache", workers=2)
+    prepared = prepare(root, PreprocessConfig(roi=(8, 8, 8)), tmp_path / "cache", workers=2, skip_bad=True)
+    assert [case.case_id for case in prepared.cases] == ["case_000", "case_002"] and len(prepared.bad) == 1
