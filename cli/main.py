@@ -166,6 +166,7 @@ def _print_fit_summary(result, data: Path) -> None:
     click.echo(f"{how} after {result.epochs_done} epoch{'' if result.epochs_done == 1 else 's'}; run folder: {run}")
     for name, what in [("latents.csv", "latents and scores"), ("latent_map.png", "latent map"), ("log.csv", "per-epoch log"), ("progress.png", "loss curves"), ("checkpoint.pt", "checkpoint (continue with --resume)")]:
         click.echo(f"  {run / name}  ({what})")
+    click.echo(f"  prepared cases: {result.cache_dir}  (reused by later runs with the same settings)")
     for error in result.bad_cases:
         click.echo(f"  skipped bad case: {error}")
     truth = Path(data) / PERTURBATIONS_NAME

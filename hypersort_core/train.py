@@ -81,6 +81,7 @@ class FitResult:
     epochs_done: int
     stopped: str | None  # None (finished), "time budget" or "interrupted"
     bad_cases: list[DataError]
+    cache_dir: Path  # the prepared cases of these settings, reused by later runs
 
 
 def resolve_device(name: str) -> torch.device:
@@ -254,7 +255,7 @@ def _fit(world: World, data: Path, run_dir: Path, config: TrainConfig, resume: b
         if world.is_main:
             write_config(run_dir, config, data, case_ids, cache_dir)
     if world.is_main and device.type == "cpu" and config.preset == "paper" and payload is None:
-        steps = math.ceil(len(case_ids) / config.batch_size)
+        steps = math.ceil(len(case_ids) / (config.batch_size * world.size))
         print(f"estimated time per epoch on this CPU: {steps * estimated_step_seconds(config) / 60:.1f} min ({steps} steps); --preset small is CPU-sized")
 
     model = initial_model(config, case_ids, device)
@@ -264,7 +265,7 @@ def _fit(world: World, data: Path, run_dir: Path, config: TrainConfig, resume: b
     with _full_disk_is_a_clear_error(run_dir):
         stopped = _train(model, optimizers, state, TrainingSet(prepared), config, device, run_dir, progress, world)
     unreadable = [DataError(case_ids[index], "its cache became unreadable during training; left out from then on") for index in state.unreadable_cases]
-    return FitResult(run_dir, case_ids, state.epoch, stopped, prepared.bad + unreadable)
+    return FitResult(run_dir, case_ids, state.epoch, stopped, prepared.bad + unreadable, prepared.cache_dir)
 
 
 def _resume_payload(run_dir: Path, world: World) -> dict:
