@@ -15,8 +15,12 @@ from hypersort_core.distributed import joined
 from hypersort_core.train import _train_step, build_optimizers, initial_model
 
 CASES = 8
-# Global batches: even (2 + 2 per process), uneven (2 + 1) and a single case (one process gets none).
-GLOBAL_BATCHES = [[5, 0, 3, 6], [1, 7, 2], [4]]
+# Global batches: even (2 + 2 per process), uneven (2 + 1), a single case (one process gets none), one whose
+# second case has a NaN image (every process must skip the step), and one whose second case is unreadable
+# (every process must learn of it, and train on the rest).
+GLOBAL_BATCHES = [[5, 0, 3, 6], [1, 7, 2], [4], [2, 5], [6, 1]]
+NAN_IMAGE = {3: 5}  # step -> case
+UNREADABLE = {4: 1}
 
 
 def run(out: str) -> None:
@@ -31,18 +35,29 @@ def run(out: str) -> None:
         optimizers = build_optimizers(model, config, device)
         hypernet = world.synchronized(model.hypernet, device)
         record = []
-        for global_batch in GLOBAL_BATCHES:
-            share = np.array_split(global_batch, world.size)[world.rank].tolist()
-            batch = {"index": torch.tensor(share, dtype=torch.long), "image": images[share], "label": labels[share]}
-            step = _train_step(model, optimizers, batch, config, device, nullcontext(), hypernet, world, global_batch)
+        for number, global_batch in enumerate(GLOBAL_BATCHES):
+            step = _train_step(model, optimizers, share_of(number, global_batch, world, images, labels), config, device, nullcontext(), hypernet, world, global_batch)
             record.append({
                 "loss": step.loss,
-                "hypernet_grads": [p.grad.clone() for p in model.hypernet.parameters()],
-                "latent_grad": model.latents.weight.grad.to_dense().clone(),
+                "stepped": step.stepped,
+                "unreadable": step.unreadable,
+                "hypernet_grads": [p.grad.clone() if p.grad is not None else None for p in model.hypernet.parameters()],
+                "latent_grad": model.latents.weight.grad.to_dense().clone() if step.stepped else None,
                 "latents": model.latents.weight.detach().clone(),
             })
         if world.is_main:
             torch.save(record, out)
+
+
+def share_of(number: int, global_batch: list[int], world, images: torch.Tensor, labels: torch.Tensor) -> dict:
+    """This process's share of a global batch, as the DataLoader would give it."""
+    share = np.array_split(global_batch, world.size)[world.rank].tolist()
+    readable = [case for case in share if UNREADABLE.get(number) != case]
+    image = images[readable].clone()
+    if NAN_IMAGE.get(number) in readable:
+        image[readable.index(NAN_IMAGE[number])] = float("nan")
+    unreadable = [(case, f"case{case}: unreadable") for case in share if case not in readable]
+    return {"index": torch.tensor(readable, dtype=torch.long), "image": image, "label": labels[readable], "unreadable": unreadable}
 
 
 if __name__ == "__main__":

@@ -57,17 +57,25 @@ def two_process_run(synthetic_dataset, tmp_path_factory):
 
 
 def test_two_processes_compute_the_gradients_of_one_process_with_the_whole_batch(tmp_path):
-    """In float64, step by step: even shares, uneven shares, and a process left without a case."""
+    """In float64, step by step (distributed_steps.py): even shares, uneven shares, a process left without a
+    case, a NaN loss in one process, an unreadable case in one process."""
     run([sys.executable, "distributed_steps.py", str(tmp_path / "one.pt")], cwd=TESTS)
     run([*TORCHRUN, "distributed_steps.py", str(tmp_path / "two.pt")], cwd=TESTS)
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     for alone, shared in zip(one, two, strict=True):
+        assert (shared["stepped"], shared["unreadable"]) == (alone["stepped"], alone["unreadable"])
+        torch.testing.assert_close(shared["latents"], alone["latents"], rtol=0, atol=1e-12)
+        if not alone["stepped"]:
+            assert np.isnan(shared["loss"]) and np.isnan(alone["loss"])
+            continue
         assert shared["loss"] == pytest.approx(alone["loss"], rel=1e-12)
         for a, b in zip(alone["hypernet_grads"], shared["hypernet_grads"], strict=True):
             torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
         # Not shrunk by the number of processes: each latent's gradient is the one-process gradient.
         torch.testing.assert_close(shared["latent_grad"], alone["latent_grad"], rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(shared["latents"], alone["latents"], rtol=0, atol=1e-12)
+    assert [step["stepped"] for step in two] == [True, True, True, False, True]  # the NaN step: skipped everywhere
+    assert two[3]["latents"].equal(two[2]["latents"])
+    assert two[4]["unreadable"] == [(1, "case1: unreadable")]  # found by rank 1, known to rank 0
 
 
 def test_two_processes_train_every_latent_and_match_one_process_with_the_same_effective_batch(two_process_run, synthetic_dataset, tmp_path):
