@@ -256,3 +256,10 @@ def test_a_bad_case_found_by_a_worker_process_is_reported_like_any_other(tmp_pat
         prepare(root, PreprocessConfig(roi=(8, 8, 8)), tmp_path / "cache", workers=2)
     prepared = prepare(root, PreprocessConfig(roi=(8, 8, 8)), tmp_path / "cache", workers=2, skip_bad=True)
     assert [case.case_id for case in prepared.cases] == ["case_000", "case_002"] and len(prepared.bad) == 1
+
+
+def test_a_cache_folder_that_cannot_be_created_is_a_clear_error(tmp_path, synthetic_dataset):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(DataError, match="cannot hold the prepared cases"):
+        prepare(synthetic_dataset, PreprocessConfig(roi=(16, 16, 16)), blocker / "cache")

@@ -106,7 +106,10 @@ def fill_cache(
     A bad case is recorded, not raised: reading the records reports it.
     """
     folder = Path(cache_dir) / settings_hash(dataset, selection, config)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DataError(cache_dir, f"cannot hold the prepared cases ({error.strerror or error}); choose another --cache or $HSORT_CACHE") from error
     missing = [case for case in (dataset.cases if cases is None else cases) if not record_path(case, selection, folder).is_file()]
     jobs = [(case, dataset.declared_values, selection, config, folder) for case in missing]
     bar = tqdm(total=len(jobs), desc="preparing cases", unit="case", disable=not progress or not jobs)
