@@ -81,7 +81,7 @@ def fit(data: Path, run_dir: Path, preset: str, resume: bool, overwrite: bool, n
     from hypersort_core.train import fit as fit_run
 
     world = world_from_environment()
-    if nproc and world.size == 1:
+    if nproc and nproc > 1 and world.size == 1:
         _run_under_torchrun(nproc)
     config = _resume_config(run_dir, options) if resume else _new_config(preset, options)
     config.validate()

@@ -262,6 +262,8 @@ def _fit(world: World, data: Path, run_dir: Path, config: TrainConfig, resume: b
     optimizers = build_optimizers(model, config, device)
     state = restore_checkpoint(payload, model, optimizers) if payload else TrainingState(processes=world.size)
     _seed_this_process(payload, state, config, world)
+    if payload and state.processes != world.size:
+        _continue_with_other_process_count(state, config, world)
     with _full_disk_is_a_clear_error(run_dir):
         stopped = _train(model, optimizers, state, TrainingSet(prepared), config, device, run_dir, progress, world)
     unreadable = [DataError(case_ids[index], "its cache became unreadable during training; left out from then on") for index in state.unreadable_cases]
@@ -282,11 +284,14 @@ def _seed_this_process(payload: dict | None, state: TrainingState, config: Train
         restore_rng(saved[world.rank])
     else:
         torch.manual_seed(world.seed(config.seed, state.epoch))
-    if payload and state.processes != world.size:
-        if world.is_main:
-            _warn(f"the run was trained by {state.processes} processes and continues with {world.size}: the effective batch changes "
-                  f"from {config.batch_size * state.processes} to {config.batch_size * world.size}")
-        state.processes = world.size
+
+
+def _continue_with_other_process_count(state: TrainingState, config: TrainConfig, world: World) -> None:
+    """A run may resume with more or fewer processes; its position is counted in cases, so only the batch changes."""
+    if world.is_main:
+        _warn(f"the run was trained by {state.processes} processes and continues with {world.size}: the effective batch changes "
+              f"from {config.batch_size * state.processes} to {config.batch_size * world.size}")
+    state.processes = world.size
 
 
 def _train(model, optimizers, state, training_set, config, device, run_dir, progress, world: World) -> str | None:

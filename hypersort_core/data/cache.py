@@ -13,14 +13,15 @@ import hashlib
 import json
 import multiprocessing
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 from tqdm import tqdm
+
+from hypersort_core.atomic import atomic_open, atomic_write_text
 
 from .errors import DataError
 from .labels import LabelSelection
@@ -137,7 +138,7 @@ def record_case(case: Case, declared_values, selection: LabelSelection, config: 
     """Prepare one case into the cache and write its record last (a finished entry, or its problem)."""
     record_file = record_path(case, selection, folder)
     record = prepare_case(case, declared_values, selection, config, folder, record_file.name.removesuffix(".json"))
-    write_atomically(record_file, lambda file: file.write(json.dumps(record).encode()))
+    atomic_write_text(record_file, json.dumps(record))
 
 
 def cached_case(case: Case, selection: LabelSelection, folder: Path) -> PreparedCase:
@@ -205,16 +206,5 @@ def digest(value) -> str:
 
 
 def save_array(path: Path, array: np.ndarray) -> None:
-    write_atomically(path, lambda file: np.save(file, array))
-
-
-def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write under a temporary name, then rename: readers never see a half-written file."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as file:
-            write(file)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as file:
+        np.save(file, array)
