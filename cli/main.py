@@ -13,6 +13,7 @@ from hypersort_core.cli.options import comma_list, reports_bad_input, triple
 from hypersort_core import __version__
 
 INTERRUPTED_EXIT = 130
+CHECKED_ENV = "HSORT_DATA_CHECKED"  # set by `hsort fit --nproc` for the processes it starts: the data was checked
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -81,12 +82,14 @@ def fit(data: Path, run_dir: Path, preset: str, resume: bool, overwrite: bool, n
     from hypersort_core.train import fit as fit_run
 
     world = world_from_environment()
-    if nproc and nproc > 1 and world.size == 1:
-        _run_under_torchrun(nproc)
     config = _resume_config(run_dir, options) if resume else _new_config(preset, options)
     config.validate()
-    if not resume and world.is_main:  # a resumed run's dataset was checked when the run began; its cache is read, not the files
+    # A resumed run's dataset was checked when the run began (its cache is read, not the files); with --nproc
+    # this process checks before it starts torchrun, so that bad input is still one line and exit code 2.
+    if not resume and world.is_main and not os.environ.get(CHECKED_ENV):
         _check_first(check_dataset(data, config.layout, config.label), config.skip_bad)
+    if nproc and nproc > 1 and world.size == 1:
+        _run_under_torchrun(nproc)
     result = fit_run(data, run_dir, config, resume=resume, progress=not quiet, overwrite=overwrite, cache_dir=cache_dir)
     if not world.is_main:
         sys.exit(INTERRUPTED_EXIT if result.stopped == "interrupted" else 0)
@@ -103,7 +106,8 @@ def _run_under_torchrun(nproc: int) -> None:
     arguments = _without_option(sys.argv[1:], "--nproc")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "hypersort_core.cli", *arguments]
     sys.stdout.flush()
-    os.execv(sys.executable, command)
+    sys.stderr.flush()
+    os.execve(sys.executable, command, {**os.environ, CHECKED_ENV: "1"})
 
 
 def _without_option(arguments: list[str], name: str) -> list[str]:

@@ -2,6 +2,7 @@
 same effective batch: the same gradients, every case's latent moving, the same latents after a few steps."""
 import csv
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -112,6 +113,16 @@ def test_ctrl_c_stops_every_process_after_the_same_step_with_a_checkpoint_to_res
     assert state["epoch"] >= 1 and state["processes"] == 2
     hsort_fit(synthetic_dataset, out, "--resume", "--epochs", str(state["epoch"] + 1), processes=2)
     assert logged_epochs(out) == list(range(1, state["epoch"] + 2))
+
+
+def test_bad_input_with_nproc_is_one_line_before_any_process_starts(tmp_path, synthetic_dataset):
+    data = Path(shutil.copytree(synthetic_dataset, tmp_path / "data"))
+    (data / "labelsTr" / "synth_003.nii.gz").write_bytes(b"not a NIfTI file")
+    command = [sys.executable, "-m", "hypersort_core.cli", "fit", str(data), "--out", str(tmp_path / "run"), *TINY, "--nproc", "2"]
+    result = subprocess.run(command, env=single_process_environment(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("warning:")]
+    assert len(errors) == 1 and errors[0].startswith("hsort: error: ") and "synth_003" in errors[0]
 
 
 def test_nproc_is_taken_out_of_the_command_that_torchrun_runs():
