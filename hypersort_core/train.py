@@ -328,6 +328,7 @@ def _train(model, optimizers, state, training_set, config, device, run_dir, prog
                 num_workers=config.workers,
                 generator=torch.Generator().manual_seed(world.seed(config.seed, state.epoch, LOADER_SEED)),
                 collate_fn=_collate_readable,
+                pin_memory=device.type == "cuda",  # page-locked batches: the copies to the GPU overlap compute
             )
             total = state.step_in_epoch + len(global_batches)
             bar = tqdm(loader, total=total, initial=state.step_in_epoch, desc=f"epoch {state.epoch + 1}/{config.epochs}", disable=not progress, leave=False)
