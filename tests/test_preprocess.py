@@ -263,3 +263,14 @@ def test_a_cache_folder_that_cannot_be_created_is_a_clear_error(tmp_path, synthe
     blocker.write_text("")
     with pytest.raises(DataError, match="cannot hold the prepared cases"):
         prepare(synthetic_dataset, PreprocessConfig(roi=(16, 16, 16)), blocker / "cache")
+
+
+def test_temporary_files_of_killed_cache_writes_are_removed_once_old(tmp_path, synthetic_dataset):
+    config = PreprocessConfig(roi=(16, 16, 16))
+    folder = prepare(synthetic_dataset, config, tmp_path / "cache").cases[0].image_file.parent
+    abandoned, in_progress = folder / ".synth_000.x.image.npy.ab12cd.tmp", folder / ".synth_001.x.image.npy.ef34gh.tmp"
+    for path in (abandoned, in_progress):
+        path.write_bytes(b"half a file")
+    os.utime(abandoned, (0, 0))
+    prepare(synthetic_dataset, config, tmp_path / "cache")
+    assert not abandoned.exists() and in_progress.exists()

@@ -9,10 +9,12 @@ reports them without reading their volumes again.  Every file is written under a
 and renamed, so processes filling one cache at the same time never see each other's partial files.
 """
 
+import contextlib
 import hashlib
 import json
 import multiprocessing
 import os
+import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
@@ -31,6 +33,7 @@ from .volumes import case_files, read_case
 
 CACHE_FORMAT = 1  # bump when a change to preprocessing makes existing caches wrong
 CACHE_ENV = "HSORT_CACHE"
+ABANDONED_AFTER_SECONDS = 3600  # a temporary file this old belongs to a write that a kill cut short
 
 
 def default_cache_dir() -> Path:
@@ -111,6 +114,7 @@ def fill_cache(
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise DataError(cache_dir, f"cannot hold the prepared cases ({error.strerror or error}); choose another --cache or $HSORT_CACHE") from error
+    remove_abandoned_writes(folder)
     missing = [case for case in (dataset.cases if cases is None else cases) if not record_path(case, selection, folder).is_file()]
     jobs = [(case, dataset.declared_values, selection, config, folder) for case in missing]
     bar = tqdm(total=len(jobs), desc="preparing cases", unit="case", disable=not progress or not jobs)
@@ -126,6 +130,16 @@ def fill_cache(
                 bar.update()
     bar.close()
     return folder
+
+
+def remove_abandoned_writes(folder: Path) -> None:
+    """Delete the temporary files of writes that a kill cut short.  Only old ones: a younger one may be
+    another process's write in progress (runs on several machines share a cache)."""
+    cutoff = time.time() - ABANDONED_AFTER_SECONDS
+    for temporary in folder.glob(".*.tmp"):
+        with contextlib.suppress(OSError):  # another process may remove it first
+            if temporary.stat().st_mtime < cutoff:
+                temporary.unlink()
 
 
 def record_path(case: Case, selection: LabelSelection, folder: Path) -> Path:
