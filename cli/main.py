@@ -102,12 +102,10 @@ def fit(data: Path, run_dir: Path, preset: str, resume: bool, overwrite: bool, n
 
 
 def _run_under_torchrun(nproc: int) -> None:
-    """`hsort fit --nproc N ...` becomes `torchrun --standalone --nproc_per_node N -m hypersort_core.cli fit ...` (this process is replaced)."""
-    arguments = _without_option(sys.argv[1:], "--nproc")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "hypersort_core.cli", *arguments]
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, command, {**os.environ, CHECKED_ENV: "1"})
+    """`hsort fit --nproc N ...` runs `torchrun --standalone --nproc_per_node N -m hypersort_core.cli fit ...` and exits with its code."""
+    from hypersort_core.distributed import launch
+
+    sys.exit(launch(nproc, ["hypersort_core.cli", *_without_option(sys.argv[1:], "--nproc")], {CHECKED_ENV: "1"}))
 
 
 def _without_option(arguments: list[str], name: str) -> list[str]:

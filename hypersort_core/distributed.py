@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import os
+import shutil
+import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -118,3 +123,46 @@ def joined(device_name: str) -> Iterator[World]:
         yield world
     finally:
         dist.destroy_process_group()
+
+
+def launch(nproc: int, module_arguments: list[str], environment: dict[str, str]) -> int:
+    """`torchrun --standalone --nproc_per_node nproc -m module_arguments...`, with environment added, run
+    from this process; returns the exit code of the first process that failed (0 when all finished).
+
+    Rank 0 prints to the console, as every rank-0-only message expects; the other processes write into
+    log files, shown only when one of them is the first to fail.  torchrun's own tracebacks of a failure
+    or of Ctrl-C would only repeat what the processes said, so the launcher stays quiet.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    for name in ("torch.distributed.run", "torch.distributed.elastic"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    os.environ.update(environment)
+    logs = Path(tempfile.mkdtemp(prefix="hsort-processes-"))
+    others = ",".join(f"{rank}:3" for rank in range(1, nproc))  # stdout and stderr of ranks 1.. into files
+    try:
+        run(parse_args(["--standalone", f"--nproc_per_node={nproc}", f"--redirects={others}", f"--log-dir={logs}", "-m", *module_arguments]))
+    except SignalException as stopped:
+        return 128 + int(stopped.sigval)
+    except ChildFailedError as failed:
+        rank, failure = failed.get_first_failure()
+        if rank != 0:  # rank 0's own message is on the console already
+            _show_output_of(rank, logs)
+        return _shell_exit_code(failure.exitcode)
+    finally:
+        shutil.rmtree(logs, ignore_errors=True)
+    return 0
+
+
+def _show_output_of(rank: int, logs: Path, lines: int = 30) -> None:
+    """The last lines a failed process wrote to its stderr log."""
+    for log in logs.glob(f"*/attempt_*/{rank}/stderr.log"):
+        tail = log.read_text(errors="replace").splitlines()[-lines:]
+        print(f"hsort: error: training process {rank} failed; the end of its output:", *tail, sep="\n", file=sys.stderr)
+
+
+def _shell_exit_code(code: int) -> int:
+    """A process killed by signal N reports -N; a shell says 128 + N."""
+    return code if code > 0 else 128 - code

@@ -108,6 +108,7 @@ def test_ctrl_c_stops_every_process_after_the_same_step_with_a_checkpoint_to_res
     wait_for(lambda: len(logged_epochs(out)) >= 1 or process.poll() is not None)
     os.killpg(process.pid, signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
     assert stdout.count("interrupted after") == 1, stdout + stderr
     state = load_checkpoint(out / "checkpoint.pt")["state"]
     assert state["epoch"] >= 1 and state["processes"] == 2
@@ -123,6 +124,26 @@ def test_bad_input_with_nproc_is_one_line_before_any_process_starts(tmp_path, sy
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if not line.startswith("warning:")]
     assert len(errors) == 1 and errors[0].startswith("hsort: error: ") and "synth_003" in errors[0]
+
+
+def test_a_process_that_fails_is_one_line_and_its_exit_code(two_process_run, synthetic_dataset, tmp_path):
+    """Resuming a run whose checkpoints are gone: rank 0 fails, torchrun stops the other, hsort passes the code on."""
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(two_process_run[0] / "config.json", out)
+    command = [sys.executable, "-m", "hypersort_core.cli", "fit", str(synthetic_dataset), "--out", str(out), "--resume", "--nproc", "2", "--quiet"]
+    result = subprocess.run(command, env=single_process_environment(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("hsort: error: ") and "no checkpoint" in errors[0]
+
+
+def test_when_another_process_fails_first_its_output_is_shown_and_its_exit_code_returned():
+    """Ranks other than 0 write into log files (rank 0 alone prints); the first to fail is shown."""
+    launcher = "import sys; from hypersort_core.distributed import launch; sys.exit(launch(2, ['fails_on_rank_1'], {}))"
+    result = subprocess.run([sys.executable, "-c", launcher], cwd=TESTS, env=single_process_environment(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 3 and "Traceback" not in result.stderr, result.stderr
+    assert "training process 1 failed" in result.stderr and "rank 1 ran out of memory" in result.stderr
 
 
 def test_nproc_is_taken_out_of_the_command_that_torchrun_runs():
