@@ -90,6 +90,17 @@ class World:
         return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
 
+def _timeout_minutes() -> float:
+    value = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_MINUTES))
+    try:
+        minutes = float(value)
+    except ValueError:
+        minutes = -1.0
+    if not minutes > 0:
+        raise ConfigError(f"${TIMEOUT_ENV} must be a positive number of minutes, got {value!r}")
+    return minutes
+
+
 def derived_seed(*values: int) -> int:
     """A well-mixed seed from several integers (the run's seed, the epoch, a rank...)."""
     return int(np.random.SeedSequence(list(values)).generate_state(1, np.uint64)[0] >> 1)
@@ -117,7 +128,7 @@ def joined(device_name: str) -> Iterator[World]:
         if world.local_rank >= torch.cuda.device_count():
             raise ConfigError(f"{world.local_size} processes on this machine, but it has {torch.cuda.device_count()} GPUs: start one process per GPU")
         torch.cuda.set_device(device)
-    minutes = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_MINUTES))
+    minutes = _timeout_minutes()
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=minutes))
     try:
         yield world

@@ -16,6 +16,8 @@ from tiny_runs import tiny_config
 
 from hypersort_core.checkpoint import load_checkpoint
 from hypersort_core.cli.main import _without_option
+from hypersort_core.config import ConfigError
+from hypersort_core.distributed import joined
 from hypersort_core.train import initial_model
 
 TESTS = Path(__file__).parent
@@ -149,3 +151,10 @@ def test_when_another_process_fails_first_its_output_is_shown_and_its_exit_code_
 def test_nproc_is_taken_out_of_the_command_that_torchrun_runs():
     arguments = ["fit", "data", "--nproc", "2", "--out", "run", "--nproc=3", "--quiet"]
     assert _without_option(arguments, "--nproc") == ["fit", "data", "--out", "run", "--quiet"]
+
+
+def test_a_bad_collective_timeout_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HSORT_DIST_TIMEOUT_MINUTES", "soon")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="HSORT_DIST_TIMEOUT_MINUTES"), joined("cpu"):
+        pass
