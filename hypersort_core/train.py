@@ -404,14 +404,16 @@ def _train_step(model, optimizers, batch, config, device, autocast, hypernet=Non
     terms = hypersort_loss(logits, label, latent, config.l1)
     local = len(batch["index"])
     unreadable_here = batch.get("unreadable", [])
-    counts = [local, local > 0 and not bool(torch.isfinite(terms.total)), len(unreadable_here), *stop_flags]
+    counts = [local, len(unreadable_here), *stop_flags]
+    # One all-reduce (and one wait for the GPU) a step: the counts, and the loss sums, which are NaN or Inf
+    # wherever any process's loss was (a blank case weighs 0 and adds 0).
     sums = torch.stack([terms.total, terms.cross_entropy, terms.dice, terms.latent_l1]).detach().double() * local
     summed = world.sum(torch.cat([torch.tensor(counts, dtype=torch.float64, device=device), sums])).tolist()
-    cases, nonfinite, unreadable_anywhere, interrupted, over_budget = (int(value) for value in summed[:5])
+    cases, unreadable_anywhere, interrupted, over_budget = (int(value) for value in summed[:4])
     unreadable = [item for items in world.gather(unreadable_here) for item in items] if unreadable_anywhere else []
     for optimizer in optimizers.values():
         optimizer.zero_grad(set_to_none=True)
-    stepped = cases > 0 and not nonfinite
+    stepped = cases > 0 and math.isfinite(summed[4])
     if stepped:
         (terms.total * (local * world.size / cases)).backward()
         lost = {index for index, _ in unreadable}
@@ -419,7 +421,7 @@ def _train_step(model, optimizers, batch, config, device, autocast, hypernet=Non
         _share_latent_gradients(model, sorted(set(rows) - lost), world)
         for optimizer in optimizers.values():
             optimizer.step()
-    means = {key: total / cases if cases else math.nan for key, total in zip(SUM_KEYS, summed[5:])}
+    means = {key: total / cases if cases else math.nan for key, total in zip(SUM_KEYS, summed[4:])}
     stop = "interrupted" if interrupted else "time budget" if over_budget else None
     return StepResult(cases, means, stepped, unreadable, stop)
 

@@ -11,6 +11,15 @@ from kernel_checks import DEVICE, assert_matches, needs_triton
 pytestmark = [needs_triton, pytest.mark.usefixtures("triton_kernels")]
 
 
+def gradients_and_float64_reference(y, h, weight, bias):
+    """(dh, dW, db) of the head output y for a random upstream gradient, and the float64 reference's y and gradients."""
+    grad_y = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (h, weight, bias), grad_y)
+    as64 = [t.detach().double().requires_grad_() for t in (h, weight, bias)]
+    y64 = hyper_head_reference(*as64)
+    return grads, y64, torch.autograd.grad(y64, as64, grad_y.double())
+
+
 @pytest.mark.parametrize(
     "batch, hidden, params, dtype, weight_scale",
     [
@@ -27,12 +36,7 @@ def test_head_forward_and_gradients_match_reference(batch, hidden, params, dtype
     weight = (torch.randn(params, hidden) * weight_scale).to(dtype).requires_grad_()
     bias = torch.randn(params, dtype=dtype, requires_grad=True)
     y = hyper_head(h, weight, bias)
-    grad_y = torch.randn_like(y)
-    grads = torch.autograd.grad(y, (h, weight, bias), grad_y)
-
-    as64 = [t.detach().double().requires_grad_() for t in (h, weight, bias)]
-    y64 = hyper_head_reference(*as64)
-    grads64 = torch.autograd.grad(y64, as64, grad_y.double())
+    grads, y64, grads64 = gradients_and_float64_reference(y, h, weight, bias)
 
     assert y.dtype == dtype and all(g.dtype == dtype for g in grads)
     assert y.abs().max() <= HEAD_SCALE
@@ -49,12 +53,7 @@ def test_under_autocast_the_head_reads_float32_weights_and_returns_the_autocast_
     bias = torch.randn(300, requires_grad=True)
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
         y = hyper_head(h, weight, bias)
-    grad_y = torch.randn_like(y)
-    grads = torch.autograd.grad(y, (h, weight, bias), grad_y)
-
-    as64 = [t.detach().double().requires_grad_() for t in (h, weight, bias)]
-    y64 = hyper_head_reference(*as64)
-    grads64 = torch.autograd.grad(y64, as64, grad_y.double())
+    grads, y64, grads64 = gradients_and_float64_reference(y, h, weight, bias)
 
     assert y.dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in grads)
     assert_matches(y, y64, 50)
