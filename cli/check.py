@@ -13,15 +13,16 @@ from hypersort_core.cli.options import reports_bad_input
 @click.argument("data", type=click.Path(exists=True, path_type=Path))
 @click.option("--label", default=None, help="Structures to check: NAME|INT[,...] (default: all foreground as one class).")
 @click.option("--layout", type=click.Choice(["auto", "nnunet", "msd", "totalsegmentator", "folders", "manifest"]), default="auto", show_default=True, help="Dataset layout.")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default=None, help="TotalSegmentator: only the subjects meta.csv puts in this split.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (cases, errors, warnings, summary) instead of the table.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @reports_bad_input
-def check(data: Path, label: str | None, layout: str, as_json: bool, quiet: bool) -> None:
+def check(data: Path, label: str | None, layout: str, split: str | None, as_json: bool, quiet: bool) -> None:
     """Verify DATA: files, dataset.json, label values, NaNs, grids, empty labels, orientation,
     duplicates, spacing and size outliers, labels outside the body.  Exit code 0 clean,
     1 warnings only, 2 errors."""
     from hypersort_core.check import check_dataset, format_report
 
-    report = check_dataset(data, layout=layout, label=label, progress=not quiet and not as_json)
+    report = check_dataset(data, layout=layout, label=label, progress=not quiet and not as_json, split=split)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_report(report))
     sys.exit(report.exit_code)

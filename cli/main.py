@@ -8,9 +8,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import click
-from hypersort_core.cli.options import comma_list, reports_bad_input, triple
+from hypersort_core.cli.options import comma_list, error_kinds, reports_bad_input, triple
 
 from hypersort_core import __version__
+from hypersort_core.data.label_errors import ERROR_KINDS, STYLES
+from hypersort_core.data.synth import DEFAULT_KINDS
 
 INTERRUPTED_EXIT = 130
 CHECKED_ENV = "HSORT_DATA_CHECKED"  # set by `hsort fit --nproc` for the processes it starts: the data was checked
@@ -28,14 +30,21 @@ def main() -> None:
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--cases", default=60, show_default=True, type=click.IntRange(min=1), help="Number of phantoms.")
 @click.option("--size", default=32, show_default=True, type=click.IntRange(min=16), help="Side of each volume in voxels (2 mm spacing).")
-@click.option("--perturbed", default=0.15, show_default=True, type=click.FloatRange(0, 1), help="Fraction of labels eroded or dilated.")
+@click.option("--perturbed", default=0.15, show_default=True, type=click.FloatRange(0, 1), help="Fraction of labels with an error.")
+@click.option("--kinds", default=",".join(DEFAULT_KINDS), show_default=True, callback=error_kinds,
+              help=f"Error kinds, taken in turn: {','.join(ERROR_KINDS)} (or 'all').")
+@click.option("--style", type=click.Choice(list(STYLES)), default=None,
+              help="Protocol of a subset annotated differently: neighbour (the adjacent structure included) or coarse (blocky contours).")
+@click.option("--style-fraction", default=0.0, show_default=True, type=click.FloatRange(0, 1), help="Fraction of cases annotated in --style.")
 @click.option("--seed", default=0, show_default=True)
 @reports_bad_input
-def synth(out: Path, cases: int, size: int, perturbed: float, seed: int) -> None:
-    """Write a synthetic nnU-Net dataset of CT-like phantoms with some labels eroded or dilated."""
+def synth(out: Path, cases: int, size: int, perturbed: float, kinds: tuple[str, ...], style: str | None, style_fraction: float, seed: int) -> None:
+    """Write a synthetic nnU-Net dataset of CT-like phantoms with known label errors (and optionally a second style)."""
     from hypersort_core.data import make_synthetic_dataset
 
-    path = make_synthetic_dataset(out, cases=cases, size=size, perturbed=perturbed, seed=seed)
+    if style_fraction > 0 and style is None:
+        raise click.BadParameter("--style-fraction needs a --style", param_hint="--style")
+    path = make_synthetic_dataset(out, cases=cases, size=size, perturbed=perturbed, seed=seed, kinds=kinds, style=style, style_fraction=style_fraction)
     click.echo(f"wrote {cases} cases to {path} (ground truth of the perturbations: {path / 'perturbations.csv'})")
 
 
@@ -45,6 +54,7 @@ def synth(out: Path, cases: int, size: int, perturbed: float, seed: int) -> None
 @click.option("--preset", type=click.Choice(["paper", "small"]), default="paper", show_default=True, help="paper: the paper's UNet at 2 mm, ROI 168; small: CPU-sized.")
 @click.option("--layout", type=click.Choice(["auto", "nnunet", "msd", "totalsegmentator", "folders", "manifest"]), default=None, help="Dataset layout (default: detected).")
 @click.option("--label", default=None, help="Structures to learn: NAME|INT[,...] (default: all foreground as one class).")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default=None, help="TotalSegmentator: only the subjects meta.csv puts in this split (default: every subject folder).")
 @click.option("--batch-size", type=int, default=None)
 @click.option("--epochs", type=int, default=None)
 @click.option("--max-minutes", type=float, default=None, help="Stop (with a checkpoint) after this much training time.")
@@ -61,6 +71,7 @@ def synth(out: Path, cases: int, size: int, perturbed: float, seed: int) -> None
 @click.option("--spacing", default=None, callback=triple(float), help="Target spacing in mm: 2 or 2,2,3.")
 @click.option("--roi", default=None, callback=triple(int), help="ROI in voxels: 168 or 160,160,96.")
 @click.option("--crop", type=click.Choice(["label", "image", "random"]), default=None, help="ROI centred on the label, the image, or random crops.")
+@click.option("--augment/--no-augment", default=None, help="Random rotation, zoom and intensity jitter per draw (no flips), so that the UNet cannot learn wrong labels by heart.")
 @click.option("--checkpoint-every", type=int, default=None, help="Epochs between checkpoints (one is always written at the end).")
 @click.option("--workers", type=int, default=None, help="Processes that prepare the cases and load batches (per training process).")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Where prepared cases are kept and reused across runs  [default: $HSORT_CACHE or ~/.cache/hypersort]")
@@ -87,18 +98,20 @@ def fit(data: Path, run_dir: Path, preset: str, resume: bool, overwrite: bool, n
     # A resumed run's dataset was checked when the run began (its cache is read, not the files); with --nproc
     # this process checks before it starts torchrun, so that bad input is still one line and exit code 2.
     if not resume and world.is_main and not os.environ.get(CHECKED_ENV):
-        _check_first(check_dataset(data, config.layout, config.label), config.skip_bad)
+        _check_first(check_dataset(data, config.layout, config.label, split=config.split), config.skip_bad)
     if nproc and nproc > 1 and world.size == 1:
         _run_under_torchrun(nproc)
     result = fit_run(data, run_dir, config, resume=resume, progress=not quiet, overwrite=overwrite, cache_dir=cache_dir)
+    interrupted_exit = INTERRUPTED_EXIT if result.signal is None else 128 + result.signal  # 130 SIGINT, 143 SIGTERM
     if not world.is_main:
-        sys.exit(INTERRUPTED_EXIT if result.stopped == "interrupted" else 0)
+        sys.exit(interrupted_exit if result.stopped == "interrupted" else 0)
     if result.stopped == "interrupted":
         _print_fit_summary(result, data)
-        sys.exit(INTERRUPTED_EXIT)
-    if not no_analyze and len(result.case_ids) > 1:
-        click.echo(format_summary(analyze_run(run_dir, progress=not quiet)))
-    _print_fit_summary(result, data)
+        sys.exit(interrupted_exit)
+    analysis = analyze_run(run_dir, progress=not quiet) if not no_analyze and len(result.case_ids) > 1 else None
+    if analysis is not None:
+        click.echo(format_summary(analysis))
+    _print_fit_summary(result, data, analysis)
 
 
 def _run_under_torchrun(nproc: int) -> None:
@@ -160,8 +173,10 @@ def _check_first(report, skip_bad: bool) -> None:
         report.raise_on_errors()
 
 
-def _print_fit_summary(result, data: Path) -> None:
-    from hypersort_core.evaluate import PERTURBATIONS_NAME, perturbation_summary
+def _print_fit_summary(result, data: Path, analysis=None) -> None:
+    from hypersort_core.analysis import DESCRIPTIONS, RANKED_BY
+    from hypersort_core.evaluate import PERTURBATIONS_NAME, format_perturbation_summary, perturbation_summary
+    from hypersort_core.latents import latent_scores, read_latents_csv
 
     run = result.run_dir
     how = {None: "finished", "time budget": "stopped at the time budget", "interrupted": "interrupted"}[result.stopped]
@@ -173,11 +188,12 @@ def _print_fit_summary(result, data: Path) -> None:
         click.echo(f"  skipped bad case: {error}")
     truth = Path(data) / PERTURBATIONS_NAME
     if truth.is_file() and (run / "latents.csv").is_file():
-        summary = perturbation_summary(run / "latents.csv", truth)
-        click.echo(
-            f"known perturbations ({summary.counts}): AUROC of latent norm {summary.auroc_norm:.3f}, "
-            f"of mean distance {summary.auroc_mean_dist:.3f}; eroded vs dilated direction cosine {summary.direction_cosine:+.2f} (negative = opposite sides)"
-        )
+        case_ids, latents = read_latents_csv(run / "latents.csv")
+        norm, mean_dist = latent_scores(latents)
+        scores = {"norm": norm, "mean_dist": mean_dist}
+        if analysis is not None:  # the ranking's own score first
+            scores = {RANKED_BY: analysis.columns[RANKED_BY], **scores}
+        click.echo(format_perturbation_summary(perturbation_summary(case_ids, latents, scores, truth), DESCRIPTIONS))
 
 
 @main.command()

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import functools
+import signal
 import sys
+import traceback
 
 import click
 
-BAD_INPUT_EXIT = 2
+BAD_INPUT_EXIT = 2  # bad input, and faults of the machine (full disk, permissions, ...)
+INTERNAL_ERROR_EXIT = 1  # a bug: the traceback is shown
 
 
 def _bad_input_errors() -> tuple[type[Exception], ...]:
@@ -14,21 +17,44 @@ def _bad_input_errors() -> tuple[type[Exception], ...]:
     from hypersort_core.config import ConfigError
     from hypersort_core.data import DataError
 
-    return DataError, CheckpointError, ConfigError, FileNotFoundError
+    return DataError, CheckpointError, ConfigError
 
 
 def reports_bad_input(command):
-    """Turn the library's input errors into one clear line and exit code 2, never a traceback."""
+    """The error boundary of every command: the library's input errors and the machine's faults (a full
+    disk, a read-only or vanished folder, a name too long: any OSError, and the foreign errors that only
+    wrap one) become one line naming the path and the cause, exit code 2; Ctrl-C exits with 130 and
+    SIGTERM with 143, without a traceback.  Anything else is a bug: its traceback is shown, with a hint."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        from hypersort_core.faults import Terminated, describe_os_error, exit_code_of_signal, os_error_of, sigterm_raises
+
         try:
-            return command(*args, **kwargs)
+            with sigterm_raises():
+                return command(*args, **kwargs)
         except _bad_input_errors() as error:
-            click.echo(f"hsort: error: {error}", err=True)
-            sys.exit(BAD_INPUT_EXIT)
+            _fail(str(error))
+        except (click.exceptions.ClickException, click.exceptions.Abort, click.exceptions.Exit):
+            raise  # click's own: a usage error is its own message and exit code
+        except KeyboardInterrupt as interrupt:
+            signum = interrupt.signum if isinstance(interrupt, Terminated) else signal.SIGINT
+            click.echo(f"hsort: {'terminated' if isinstance(interrupt, Terminated) else 'interrupted'}", err=True)
+            sys.exit(exit_code_of_signal(signum))
+        except Exception as error:
+            found = os_error_of(error)
+            if found is None:
+                traceback.print_exc()
+                click.echo(f"hsort: internal error ({type(error).__name__}); this is a bug, please report it with the traceback above", err=True)
+                sys.exit(INTERNAL_ERROR_EXIT)
+            _fail(describe_os_error(found))
 
     return wrapper
+
+
+def _fail(message: str) -> None:
+    click.echo(f"hsort: error: {message.replace(chr(10), ' ')}", err=True)
+    sys.exit(BAD_INPUT_EXIT)
 
 
 def triple(kind: type):
@@ -60,3 +86,14 @@ def comma_list(kind: type):
             raise click.BadParameter(f"{value!r} is not a comma-separated list of {kind.__name__} values") from None
 
     return parse
+
+
+def error_kinds(ctx, param, value: str) -> tuple[str, ...]:
+    """--kinds: 'all' or a comma-separated list of label_errors.ERROR_KINDS."""
+    from hypersort_core.data.label_errors import ERROR_KINDS
+
+    kinds = tuple(ERROR_KINDS) if value.strip() == "all" else tuple(kind.strip() for kind in value.split(",") if kind.strip())
+    unknown = [kind for kind in kinds if kind not in ERROR_KINDS]
+    if unknown or not kinds:
+        raise click.BadParameter(f"unknown kind(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(ERROR_KINDS)} or 'all'")
+    return kinds

@@ -98,7 +98,7 @@ def export(run_dir: Path, latent: str | None, cluster: int | None, case: str | N
 @reports_bad_input
 def import_reference(weights: Path, latent_dict: Path, data_list: Path, run_dir: Path, label: str | None,
                      allow_missing: bool, **preprocess) -> None:
-    """Turn a checkpoint of the paper's public code (model_w.pt, latent_dict.pt and its TSV data list) into a run folder."""
+    """Turn a checkpoint of the paper's public code (model_w.pt, latent_dict.pt and its data list: the .txt of its data_files/, or a .tsv/.csv) into a run folder."""
     from dataclasses import replace
 
     from hypersort_core.config import PRESETS, ConfigError

@@ -14,10 +14,16 @@ Scores per case, each one higher where a label deserves a look:
 - `centroid_dist` (method kmeans, which has no likelihood): the distance from its latent to the
   nearest cluster centroid once the case has left its own cluster, the k-means counterpart.
 
-The ranking orders the cases by `norm`, the paper's score. Beside the scores stands `dice_lambda0`,
-the foreground Dice between the given label and the λ = 0 UNet's prediction of that case on its
-prepared ROI: how far the label is from what the main style would draw (low: look here), readable
-without the map.
+- `loss_lambda0`: the segmentation loss (cross-entropy + soft Dice, training's loss without its latent
+  term) of the given label under the λ = 0 UNet, on the case's prepared ROI: how far the label is from
+  what the main style would draw.  The λ = 0 UNet is trained by the main style's cases only in effect:
+  a wrong label's case is fitted through its own latent, away from 0, so unlike a plain UNet trained
+  on every case this one has not learned the wrong labels.
+Beside them stands `dice_lambda0`, the foreground Dice between the given label and the λ = 0 UNet's
+prediction (low: look here).
+
+The ranking orders the cases by RANKED_BY, the best detector of wrong labels on the curation benchmark
+(bench/curation.py; the figures are in the README): `loss_lambda0`.  The paper's scores stay beside it.
 
 Clusters: a Gaussian mixture (full covariances, floored at RESOLUTION of the map's spread) whose number
 of components minimises BIC over 1..min(6, N-1, distinct latents), unless `clusters` fixes it; k-means
@@ -45,10 +51,11 @@ from tqdm import tqdm
 from hypersort_core.atomic import atomic_write_text
 from hypersort_core.baselines import scored_roi
 from hypersort_core.config import ConfigError
-from hypersort_core.data import DataError, read_dataset
+from hypersort_core.data import DataError, PreparedCase, read_dataset
 from hypersort_core.data.volumes import voxel_sizes
-from hypersort_core.evaluate import CLUSTERS_NAME, foreground_dice
+from hypersort_core.evaluate import CLUSTERS_NAME
 from hypersort_core.latents import latent_scores, write_latents_csv
+from hypersort_core.main_style import main_style, main_style_fit, prepared_training_cases
 from hypersort_core.report import case_picture, plot_cluster_map, write_pages
 from hypersort_core.run import Run, load_run
 
@@ -66,6 +73,7 @@ GALLERY = 12
 # so drawing every case of a dataset of thousands would take minutes for pictures nobody scrolls to.
 PICTURES = 200
 PRINTED_CASES = 10
+RANKED_BY = "loss_lambda0"
 RANKING_NAME = "ranking.csv"
 LATENTS_NAME = "latents.csv"
 DESCRIPTIONS = {  # column headings of the pages
@@ -73,6 +81,7 @@ DESCRIPTIONS = {  # column headings of the pages
     "mean_dist": "mean distance",
     "nll": "held-out −log-likelihood",
     "centroid_dist": "held-out centroid distance",
+    "loss_lambda0": "loss under the λ = 0 UNet",
     "dice_lambda0": "Dice to λ = 0 prediction",
 }
 
@@ -101,6 +110,7 @@ class Analysis:
     label_files: list[str]  # where each given label lives: the file a curator would fix
     latents: np.ndarray  # [N, d]
     clustering: Clustering
+    loss_lambda0: np.ndarray  # [N] segmentation loss of the given label under the λ = 0 UNet
     dice: np.ndarray  # [N] given label vs λ = 0 prediction
     pictures: list[bytes | None]  # [N] PNG: slices with the given label's and the λ = 0 prediction's contours (None: not drawn)
     gallery: int  # cases shown in report.html, worst first
@@ -109,11 +119,11 @@ class Analysis:
     def columns(self) -> dict[str, np.ndarray]:
         """Every per-case number, scores first: what the CSVs, the map and the report show."""
         norm, mean_dist = latent_scores(self.latents)
-        return {"norm": norm, "mean_dist": mean_dist, self.clustering.density_name: self.clustering.density, "dice_lambda0": self.dice}
+        return {"norm": norm, "mean_dist": mean_dist, self.clustering.density_name: self.clustering.density, "loss_lambda0": self.loss_lambda0, "dice_lambda0": self.dice}
 
     @cached_property
     def ranking(self) -> np.ndarray:
-        return rank_cases(self.latents)
+        return rank_cases(self.columns[RANKED_BY])
 
     @property
     def files(self) -> dict[str, Path]:
@@ -127,9 +137,9 @@ class Analysis:
         return DESCRIPTIONS[column]
 
 
-def rank_cases(latents: np.ndarray) -> np.ndarray:
-    """Case indices by latent norm, largest first (ties keep the case order): most suspicious first."""
-    return np.argsort(-np.linalg.norm(latents, axis=1), kind="stable")
+def rank_cases(score: np.ndarray) -> np.ndarray:
+    """Case indices by score, largest first (ties keep the case order): most suspicious first."""
+    return np.argsort(-np.asarray(score), kind="stable")
 
 
 def analyze_run(
@@ -148,8 +158,8 @@ def analyze_run(
     run = load_run(run_dir, device)
     latents = run.latents()
     clustering = find_clusters(latents, clusters, method)  # before the predictions: a bad --clusters fails at once
-    drawn = set(rank_cases(latents)[: max(pictures, gallery)].tolist())
-    dice, pictures = review_cases(run, drawn, progress)
+    prepared = prepared_training_cases(run, progress)
+    loss, dice = main_style_fit(run, prepared, progress)
     analysis = Analysis(
         run_dir=run.run_dir,
         data=run.data,
@@ -157,10 +167,14 @@ def analyze_run(
         label_files=label_files(run),
         latents=latents,
         clustering=clustering,
+        loss_lambda0=loss,
         dice=dice,
-        pictures=pictures,
+        pictures=[None] * len(run.case_ids),
         gallery=gallery,
     )
+    drawn = analysis.ranking[: max(pictures, gallery)]
+    for index, picture in zip(drawn, draw_cases(run, prepared, drawn, progress)):
+        analysis.pictures[index] = picture
     write_analysis(analysis)
     return analysis
 
@@ -255,28 +269,21 @@ def numbered(method: str, members: np.ndarray, centroids: np.ndarray, main: int,
 # Each case against the main style
 
 
-def review_cases(run: Run, drawn: set[int], progress: bool = False) -> tuple[np.ndarray, list[bytes | None]]:
-    """For each training case: the Dice between its given label and the λ = 0 prediction on its
-    prepared ROI, and for the cases `drawn` (indices) the picture of both contours."""
-    prepared = {case.case_id: case for case in run.prepared(progress=progress).cases}
-    missing = [case_id for case_id in run.case_ids if case_id not in prepared]
-    if missing:
-        raise DataError(run.data, f"no longer holds the training case(s) {', '.join(map(repr, missing[:5]))} of {run.run_dir}")
-    main_style = np.zeros(run.config.model.latent_dim, dtype=np.float32)
+def draw_cases(run: Run, prepared: dict[str, PreparedCase], indices: np.ndarray, progress: bool = False) -> list[bytes]:
+    """A PNG per case (indices) of slices with the given label's and the λ = 0 prediction's contours."""
     plane_names = ("axial", "coronal", "sagittal") if run.config.preprocess.reorient else ("x–y", "x–z", "y–z")
-    dice, pictures = [], []
-    for index, case_id in enumerate(tqdm(run.case_ids, desc="λ = 0 predictions", unit="case", disable=not progress)):
-        case = prepared[case_id]
+    pictures = []
+    for index in tqdm(indices, desc="pictures", unit="case", disable=not progress):
+        case = prepared[run.case_ids[index]]
         image, label = scored_roi(case, run.config.preprocess)
-        prediction = run.segment(image, main_style)
-        dice.append(foreground_dice(prediction, label, run.config.model.out_channels))
-        pictures.append(case_picture(image, label, prediction, voxel_sizes(case.affine), plane_names) if index in drawn else None)
-    return np.array(dice), pictures
+        prediction = run.segment(image, main_style(run))
+        pictures.append(case_picture(image, label, prediction, voxel_sizes(case.affine), plane_names))
+    return pictures
 
 
 def label_files(run: Run) -> list[str]:
     """The given label of each training case (a TotalSegmentator case: its segmentations folder)."""
-    cases = {case.case_id: case.label for case in read_dataset(run.data, run.config.layout).cases}
+    cases = {case.case_id: case.label for case in read_dataset(run.data, run.config.layout, split=run.config.split).cases}
     return [str(next(iter(label.values())).parent if isinstance(label, dict) else label) for label in map(cases.get, run.case_ids)]
 
 
@@ -351,7 +358,7 @@ def format_summary(analysis: Analysis, cases: int = PRINTED_CASES) -> str:
         members = clustering.members == cluster
         centre = "(" + ", ".join(f"{value:.3g}" for value in centroid) + ")"
         lines.append(f"  {analysis.style(cluster):<9}{size:>5}  {centre:<20}" + "".join(f"{values[members].mean():>14.4g}" for values in columns.values()))
-    lines += ["", f"most suspicious cases (by latent norm; all {len(analysis.case_ids)} in {RANKING_NAME}):", f"  {'rank':>4}  {'case':<24}{'style':<9}" + "".join(f"{name:>14}" for name in columns)]
+    lines += ["", f"most suspicious cases (by {DESCRIPTIONS[RANKED_BY]}; all {len(analysis.case_ids)} in {RANKING_NAME}):", f"  {'rank':>4}  {'case':<24}{'style':<9}" + "".join(f"{name:>14}" for name in columns)]
     for rank, i in enumerate(analysis.ranking[:cases], start=1):
         style = analysis.style(int(clustering.members[i]))
         lines.append(f"  {rank:>4}  {analysis.case_ids[i]:<24}{style:<9}" + "".join(f"{values[i]:>14.4g}" for values in columns.values()))

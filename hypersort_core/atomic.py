@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from hypersort_core.faults import os_error_of
+
 
 @contextlib.contextmanager
 def atomic_open(path: Path | str, mode: str = "w", previous: Path | str | None = None) -> Iterator[IO]:
@@ -31,8 +33,9 @@ def atomic_open(path: Path | str, mode: str = "w", previous: Path | str | None =
     except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if isinstance(error, OSError) and error.filename is None:
-            error.filename = str(path)  # a failed write() names no file; the user needs to know which
+        found = os_error_of(error) if isinstance(error, Exception) else None  # also behind torch's RuntimeError
+        if found is not None and found.filename is None:
+            found.filename = str(path)  # a failed write() names no file; the user needs to know which
         raise
     _fsync_directory(path.parent)
 

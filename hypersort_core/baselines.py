@@ -82,7 +82,7 @@ def case_losses(unet: UNet, cases: list[PreparedCase], config: TrainConfig, loss
 
 def training_loss_scores(prepared: PreparedData, config: TrainConfig, epochs: int, device: torch.device, progress: bool = False) -> np.ndarray:
     """Per case, the segmentation loss of a plain UNet trained on all cases (high = hard to learn)."""
-    unet = train_plain_unet(TrainingSet(prepared), config, epochs, device, "plain UNet on all cases", progress)
+    unet = train_plain_unet(TrainingSet(prepared, config.augmentation()), config, epochs, device, "plain UNet on all cases", progress)
     return case_losses(unet, prepared.cases, config, segmentation_loss, device)
 
 
@@ -100,7 +100,7 @@ def fold_of_each_case(n_cases: int, folds: int, seed: int) -> np.ndarray:
 def held_out_dice_scores(prepared: PreparedData, config: TrainConfig, epochs: int, folds: int, device: torch.device, progress: bool = False) -> np.ndarray:
     """The paper's Test-Dice: per case, the soft Dice loss of a plain UNet trained on the other folds (high = disagrees with the rest)."""
     fold = fold_of_each_case(len(prepared.cases), folds, config.seed)
-    training_set = TrainingSet(prepared)
+    training_set = TrainingSet(prepared, config.augmentation())
     scores = np.empty(len(fold))
     for number in range(folds):
         held_out = np.flatnonzero(fold == number)

@@ -27,8 +27,10 @@ from hypersort_core.data import (
     read_dataset,
     select_labels,
 )
+from hypersort_core.data.cache import output_file_name, output_name_problem
 from hypersort_core.data.layouts import load_json
 from hypersort_core.data.volumes import (
+    check_affine,
     check_label_values,
     label_files,
     open_aligned_label,
@@ -133,10 +135,10 @@ class CheckReport:
 
 
 def check_dataset(
-    root: Path | str, layout: str = "auto", label: str | None = None, progress: bool = False
+    root: Path | str, layout: str = "auto", label: str | None = None, progress: bool = False, split: str | None = None
 ) -> CheckReport:
-    """Check every case of the dataset at `root`; a folder that is no dataset raises DataError."""
-    dataset = read_dataset(root, layout)
+    """Check every case of the dataset at `root` (of a TotalSegmentator `split`); a folder that is no dataset raises DataError."""
+    dataset = read_dataset(root, layout, split)
     selection = select_labels(dataset, label)
     dataset_issues = dataset_json_issues(dataset)
     facts = [
@@ -144,6 +146,9 @@ def check_dataset(
         for case in tqdm(dataset.cases, desc="checking", unit="case", disable=not progress)
     ]
     cross_case_warnings(facts)
+    for fact in facts:  # ids that cannot name an output file as they are (correct's pseudo-labels, predict's labels)
+        if (problem := output_name_problem(fact.case.case_id)) is not None:
+            fact.add("warning", fact.case.image, f"{problem}; its outputs are written as {output_file_name(fact.case.case_id)}")
     issues = dataset_issues + [issue for fact in facts for issue in fact.issues]
     return CheckReport(
         root=dataset.root,
@@ -189,8 +194,10 @@ def check_case(case: Case, selection: LabelSelection, declared_values: set[int] 
     except DataError as error:
         fact.add("error", error.path, error.problem)
         return fact
-    if not np.isfinite(image_nifti.affine).all():
-        fact.add("error", case.image, "image affine holds NaN or infinite values")
+    try:
+        check_affine(image_nifti.affine, shape, case.image)
+    except DataError as error:
+        fact.add("error", error.path, error.problem)
         return fact
     fact.shape, fact.spacing = shape, voxel_sizes(image_nifti.affine)
     fact.orientation = "".join(code or "?" for code in nib.aff2axcodes(image_nifti.affine))  # ? = degenerate axis

@@ -9,20 +9,20 @@ checkpoint.prev.pt), so a newest one damaged on disk still leaves a run to resum
 from __future__ import annotations
 
 import contextlib
-import errno
 import sys
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from hypersort_core.atomic import atomic_open
+from hypersort_core.faults import NO_SPACE_ERRNOS, cause_of, os_error_of
 
 CHECKPOINT_NAME = "checkpoint.pt"
 PREVIOUS_CHECKPOINT_NAME = "checkpoint.prev.pt"
 DAMAGED_CHECKPOINT_NAME = "checkpoint.damaged.pt"
 FORMAT_VERSION = 1
-NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 class CheckpointError(Exception):
@@ -86,8 +86,11 @@ def save_checkpoint(
     try:
         with atomic_open(path, "wb", previous=Path(run_dir) / PREVIOUS_CHECKPOINT_NAME) as handle:
             torch.save(payload, handle)
-    except OSError as error:
-        problem = "no space left on the device" if error.errno in NO_SPACE_ERRNOS else f"could not be written ({error.strerror or error})"
+    except (OSError, RuntimeError) as error:  # torch's zip writer wraps the OSError of a failed write in a RuntimeError
+        found = os_error_of(error)
+        if found is None:
+            raise
+        problem = "no space left on the device" if found.errno in NO_SPACE_ERRNOS else f"could not be written ({cause_of(found)})"
         raise CheckpointError(f"{path}: {problem}; the previous checkpoint is intact") from error
     return path
 
@@ -98,8 +101,9 @@ def checkpoint_paths(run_dir: Path) -> list[Path]:
 
 
 def remove_interrupted_writes(run_dir: Path) -> None:
-    """Delete the temporary files of checkpoint writes that a kill cut short; they hold no complete checkpoint."""
-    _unlink_all(Path(run_dir).glob(f".{CHECKPOINT_NAME}.*.tmp"))
+    """Delete the temporary files of writes into the run folder that a kill cut short (checkpoints above all,
+    tens of MB each); they hold no complete file.  Only a fit starting in its own run folder calls this."""
+    _unlink_all(Path(run_dir).glob(".*.tmp"))
 
 
 def remove_checkpoints(run_dir: Path) -> None:
@@ -140,12 +144,20 @@ def resume_latest_checkpoint(run_dir: Path) -> tuple[dict, Path]:
     return payload, path
 
 
+def load_weights_only(path: Path, map_location: str | torch.device = "cpu"):
+    """torch.load(weights_only=True), which cannot run code, without torch's warning about a pickle protocol
+    other than 2 (files saved by other code, such as the reference's): it tells our users nothing."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
     """Read a checkpoint without executing code; a damaged file is a CheckpointError, not a traceback."""
     if not Path(path).is_file():
         raise CheckpointError(f"{path}: no checkpoint to resume from")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = load_weights_only(path, map_location)
     except Exception as error:  # torch raises many types for a truncated or foreign file
         raise CheckpointError(f"{path}: damaged or not a hypersort checkpoint ({type(error).__name__})") from error
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:

@@ -25,8 +25,9 @@ from hypersort_core.data import (
     read_dataset,
     select_labels,
 )
+from hypersort_core.data.cache import output_file_name
 from hypersort_core.data.volumes import open_nifti, read_case
-from hypersort_core.evaluate import foreground_dice
+from hypersort_core.main_style import foreground_dice
 from hypersort_core.predict import latent_probabilities, save_label, segment
 from hypersort_core.run import Run
 from hypersort_core.styles import cluster_latent, cluster_name
@@ -103,7 +104,7 @@ def correct_labels(run: Run, cluster: int, cases: list[str], out_dir: Path | Non
     """Write {case}.nii.gz pseudo-labels of a cluster's style and changes.csv into out_dir; returns both."""
     out_dir = Path(out_dir) if out_dir is not None else corrected_folder(run, cluster)
     probabilities = latent_probabilities(run, cluster_latent(run, cluster).latent)
-    dataset = read_dataset(run.data, run.config.layout)
+    dataset = read_dataset(run.data, run.config.layout, split=run.config.split)
     selection = select_labels(dataset, run.config.label)
     by_id: dict[str, Case] = {case.case_id: case for case in dataset.cases}
     missing = [case for case in cases if case not in by_id]
@@ -115,7 +116,7 @@ def correct_labels(run: Run, cluster: int, cases: list[str], out_dir: Path | Non
         case = by_id[case_id]
         volume = read_case(case, selection, dataset.declared_values)
         prediction = segment(volume.image, volume.affine, probabilities, run.config.preprocess)
-        save_label(values[prediction], open_nifti(case.image, "image file is missing"), out_dir / f"{case_id}.nii.gz")
+        save_label(values[prediction], open_nifti(case.image, "image file is missing"), out_dir / output_file_name(case_id))
         changes.append(label_change(case_id, prediction, volume.label, selection.num_classes))
     changes_csv = out_dir / CHANGES_NAME
     write_changes_csv(changes_csv, changes)

@@ -39,13 +39,16 @@ from hypersort_core.data import (
 )
 from hypersort_core.data.layouts import nifti_files_by_case
 from hypersort_core.data.volumes import read_case
-from hypersort_core.latents import latent_scores, read_latents_csv
+from hypersort_core.data.synth import MAIN_STYLE
+from hypersort_core.latents import latent_scores
+from hypersort_core.main_style import foreground_dice, main_style_fit, prepared_training_cases
 from hypersort_core.run import Run
 
 PERTURBATIONS_NAME = "perturbations.csv"
 EVALUATION_NAME = "evaluation.json"
 CLUSTERS_NAME = "clusters.csv"
 SCORE_LABELS = {
+    "loss_lambda0": "HyperSORT loss at λ = 0",
     "latent_norm": "HyperSORT latent norm",
     "mean_distance": "HyperSORT mean distance",
     "training_loss": "plain-UNet training loss",
@@ -55,10 +58,13 @@ SCORE_LABELS = {
 
 @dataclass
 class PerturbationSummary:
-    auroc_norm: float  # latent norm, perturbed vs clean
-    auroc_mean_dist: float
-    direction_cosine: float  # cosine between (eroded mean - clean mean) and (dilated mean - clean mean); < 0 = opposite sides
-    counts: dict[str, int]
+    """How well scores separate a synthetic dataset's wrong labels from its clean cases of the main style
+    (cases of another style are neither)."""
+
+    auroc: dict[str, float]  # score name -> AUROC, all wrong labels vs clean
+    auroc_by_kind: dict[str, dict[str, float]]  # score name -> error kind -> AUROC, that kind vs clean
+    direction_cosine: float | None  # cosine between (eroded mean - clean mean) and (dilated mean - clean mean); < 0 = opposite sides
+    counts: dict[str, int]  # cases per kind, and per other style
 
 
 @dataclass
@@ -77,30 +83,56 @@ def read_perturbation_rows(path: Path, columns: tuple[str, ...] = ("case", "kind
         rows = list(reader)
     missing = [column for column in columns if column not in (reader.fieldnames or [])]
     if missing:
-        raise DataError(path, f"lacks the column(s) {', '.join(missing)} (hsort synth writes case,kind,iterations,voxels_changed)")
+        raise DataError(path, f"lacks the column(s) {', '.join(missing)} (hsort synth writes case,kind,style,severity,parameters,voxels_changed)")
     return rows
 
 
-def read_perturbations(path: Path) -> dict[str, str]:
-    return {row["case"]: row["kind"] for row in read_perturbation_rows(path)}
-
-
-def perturbation_summary(latents_csv: Path, perturbations_csv: Path) -> PerturbationSummary:
-    """AUROC of the paper's two scores for perturbed-vs-clean, and whether erosion and dilation split."""
-    case_ids, latents = read_latents_csv(latents_csv)
-    kinds = read_perturbations(perturbations_csv)
-    kind = np.array([kinds.get(case, "unknown") for case in case_ids])
-    norm, mean_dist = latent_scores(latents)
-    perturbed = kind != "clean"
-    clean_mean = latents[kind == "clean"].mean(axis=0)
-    offsets = [latents[kind == k].mean(axis=0) - clean_mean for k in ("eroded", "dilated")]
-    cosine = float(offsets[0] @ offsets[1] / (np.linalg.norm(offsets[0]) * np.linalg.norm(offsets[1]) + 1e-12))
+def perturbation_summary(case_ids: list[str], latents: np.ndarray, scores: dict[str, np.ndarray], perturbations_csv: Path) -> PerturbationSummary:
+    """AUROC of each score (higher = more suspicious) for wrong-vs-clean, overall and per error kind, and
+    whether erosion and dilation move the latents to opposite sides (the paper's Section 4.1)."""
+    rows = {row["case"]: row for row in read_perturbation_rows(perturbations_csv)}
+    kind = np.array([rows[case]["kind"] if case in rows else "unknown" for case in case_ids])
+    style = np.array([rows.get(case, {}).get("style") or MAIN_STYLE for case in case_ids])
+    clean = (kind == "clean") & (style == MAIN_STYLE)
+    wrong = ~np.isin(kind, ["clean", "unknown"])
+    kinds = sorted(set(kind[wrong]))
+    counts = {"clean": int(clean.sum()), **{k: int((kind == k).sum()) for k in kinds}}
+    counts |= {f"style {name}": int((style == name).sum()) for name in sorted(set(style) - {MAIN_STYLE})}
     return PerturbationSummary(
-        auroc_norm=float(roc_auc_score(perturbed, norm)),
-        auroc_mean_dist=float(roc_auc_score(perturbed, mean_dist)),
-        direction_cosine=cosine,
-        counts={k: int((kind == k).sum()) for k in ("clean", "eroded", "dilated")},
+        auroc={name: _auroc(wrong, clean, score) for name, score in scores.items()},
+        auroc_by_kind={name: {k: _auroc(kind == k, clean, score) for k in kinds} for name, score in scores.items()},
+        direction_cosine=_opposite_sides(latents, kind, clean),
+        counts=counts,
     )
+
+
+def _auroc(positive: np.ndarray, negative: np.ndarray, score: np.ndarray) -> float:
+    """AUROC of `score` for the positive cases against the negative ones (NaN when either is missing)."""
+    keep = positive | negative
+    if not positive.any() or not negative.any():
+        return float("nan")
+    return float(roc_auc_score(positive[keep], np.asarray(score)[keep]))
+
+
+def _opposite_sides(latents: np.ndarray, kind: np.ndarray, clean: np.ndarray) -> float | None:
+    if not clean.any() or not all((kind == k).any() for k in ("eroded", "dilated")):
+        return None
+    clean_mean = latents[clean].mean(axis=0)
+    eroded, dilated = (latents[kind == k].mean(axis=0) - clean_mean for k in ("eroded", "dilated"))
+    return float(eroded @ dilated / (np.linalg.norm(eroded) * np.linalg.norm(dilated) + 1e-12))
+
+
+def format_perturbation_summary(summary: PerturbationSummary, descriptions: dict[str, str]) -> str:
+    """Two lines for `hsort fit` on a dataset from `hsort synth`: AUROC per score, and per kind for the first score."""
+    counts = ", ".join(f"{name} {count}" for name, count in summary.counts.items())
+    aurocs = ", ".join(f"{descriptions[name]} {value:.3f}" for name, value in summary.auroc.items())
+    lines = [f"known label errors ({counts}): AUROC of {aurocs}"]
+    first = next(iter(summary.auroc_by_kind))
+    if len(summary.auroc_by_kind[first]) > 1:
+        lines.append(f"  by kind, {descriptions[first]}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.auroc_by_kind[first].items()))
+    if summary.direction_cosine is not None:
+        lines.append(f"  eroded vs dilated direction cosine {summary.direction_cosine:+.2f} (negative = opposite sides)")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,7 +176,7 @@ def changed_voxels(case: Case, reference_label: Path | dict[str, Path], selectio
 
 def reference_label_changes(run: Run, reference: Path) -> dict[str, int]:
     """Voxels changed per training case that has a reference label."""
-    dataset = read_dataset(run.data, run.config.layout)
+    dataset = read_dataset(run.data, run.config.layout, split=run.config.split)
     selection = select_labels(dataset, run.config.label)
     corrected = reference_labels(Path(reference))
     training = set(run.case_ids)
@@ -174,9 +206,12 @@ def reference_changes(run: Run, reference: Path | None) -> tuple[dict[str, int],
 
 
 def hypersort_scores(run: Run) -> dict[str, dict[str, float]]:
-    """The paper's two latent scores per case (latents.py)."""
+    """The score `hsort analyze` ranks by, the loss under the λ = 0 UNet (main_style.py), and the paper's
+    two latent scores (latents.py), per case."""
     norm, mean_distance = latent_scores(run.latents())
+    loss, _ = main_style_fit(run, prepared_training_cases(run))
     return {
+        "loss_lambda0": dict(zip(run.case_ids, map(float, loss))),
         "latent_norm": dict(zip(run.case_ids, map(float, norm))),
         "mean_distance": dict(zip(run.case_ids, map(float, mean_distance))),
     }
@@ -251,16 +286,6 @@ def run_styles(run: Run) -> list[Style]:
     if any(len(style.latent) != run.config.model.latent_dim for style in styles):
         raise DataError(clusters, f"holds centroids of another dimension than this run's {run.config.model.latent_dim}-D latents")
     return styles
-
-
-def foreground_dice(prediction: np.ndarray, label: np.ndarray, num_classes: int) -> float:
-    """Hard Dice averaged over the foreground classes; a class absent from both counts as 1 (nothing to miss)."""
-    scores = []
-    for number in range(1, num_classes):
-        predicted, labelled = prediction == number, label == number
-        total = int(predicted.sum() + labelled.sum())
-        scores.append(1.0 if total == 0 else 2 * int(np.logical_and(predicted, labelled).sum()) / total)
-    return float(np.mean(scores))
 
 
 def style_dice_on_test_set(run: Run, test: Path, styles: list[Style]) -> dict:

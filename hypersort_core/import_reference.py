@@ -2,7 +2,9 @@
 
 The public code (ImFusionGmbH/HyperSORT) saves `model_w.pt`, its HyperModel's state_dict (an MLP
 `hypernetwork.{i}.0`, one Linear head per UNet tensor `heads.{name with ; for .}`, and a placeholder
-`model.dummy_param`), and `latent_dict.pt`, {row of its TSV data list: latent [1, d]}. The UNet's
+`model.dummy_param`), and `latent_dict.pt`, {row of its data list: latent [1, d]}; the data list is
+its data_files/*.txt as it is (a `DataPath<TAB>LabelPath` header, then one row per case, paths relative to
+the checkout's root: `read_manifest` finds that folder) or one of our .tsv/.csv manifests. The UNet's
 architecture is read off the heads' sizes and must be exactly the one `parameter_layout` describes.
 The heads are stacked into our single head (`reference_to_single_head`, the same function), the
 latents are keyed by the data list's case ids, and the run folder gets what `hsort fit` writes:
@@ -24,6 +26,7 @@ from hypersort_core.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
     TrainingState,
+    load_weights_only,
     save_checkpoint,
 )
 from hypersort_core.config import ConfigError, TrainConfig
@@ -54,7 +57,7 @@ class ImportedRun:
 def load_reference_file(path: Path) -> object:
     """torch.load without executing code; a damaged or foreign file is a one-line CheckpointError."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_weights_only(path)
     except FileNotFoundError:
         raise
     except Exception as error:  # torch raises many types for a truncated or foreign file

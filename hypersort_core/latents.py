@@ -62,10 +62,16 @@ def plot_latent_map(run_dir: Path, case_ids: list[str], latents: np.ndarray, epo
     points = axis.scatter(xy[:, 0], xy[:, 1], c=norm, cmap="viridis", s=22, edgecolors="k", linewidths=0.3)
     axis.scatter([0], [0], marker="+", color="red", s=120, label="λ = 0 (main style)")
     for i in np.argsort(-norm)[:LABELLED_OUTLIERS]:
-        axis.annotate(case_ids[i], xy[i], fontsize=7, xytext=(3, 3), textcoords="offset points", parse_math=False)
+        axis.annotate(drawable(case_ids[i]), xy[i], fontsize=7, xytext=(3, 3), textcoords="offset points", parse_math=False)
     figure.colorbar(points, ax=axis, label="||λ||₂")
     axis.margins(0.18)  # room for the case names at the edges
     axis.set(xlabel="z0", ylabel="z1", title=f"latent map, epoch {epoch}", aspect="equal")
     axis.legend(loc="best", fontsize=8)
     atomic_savefig(Path(run_dir) / "latent_map.png", figure)
     plt.close(figure)
+
+
+def drawable(text: str) -> str:
+    """A case id as matplotlib can draw it: control characters (a tab, a newline) have no glyph, so they
+    become spaces (matplotlib would warn of a missing glyph for each)."""
+    return "".join(" " if not character.isprintable() else character for character in text)

@@ -27,10 +27,15 @@ from tqdm.auto import tqdm
 
 from hypersort_core.atomic import atomic_open
 from hypersort_core.data import DataError, PreprocessConfig
+from hypersort_core.data.cache import output_file_name
 from hypersort_core.data.layouts import NIFTI_ENDINGS, files_ending, nifti_case_id
 from hypersort_core.data.preprocess import preprocess
+from hypersort_core.data.preprocess import resampled_shape
 from hypersort_core.data.volumes import (
     LabelledVolume,
+    check_affine,
+    check_memory,
+    voxel_sizes,
     open_nifti,
     read_finite_image,
     spatial_shape,
@@ -90,8 +95,9 @@ def expand_argument(argument: str) -> list[Path]:
 
 
 def output_name(image: Path) -> str:
-    """nnU-Net's naming: {case}_0000.nii.gz (channel 0) gives {case}.nii.gz; x.nii gives x.nii.gz."""
-    return f"{nifti_case_id(image).removesuffix(NNUNET_CHANNEL_SUFFIX)}.nii.gz"
+    """nnU-Net's naming: {case}_0000.nii.gz (channel 0) gives {case}.nii.gz; x.nii gives x.nii.gz
+    (a name that would be hidden or too long is made safe: see output_file_name)."""
+    return output_file_name(nifti_case_id(image).removesuffix(NNUNET_CHANNEL_SUFFIX))
 
 
 def output_names(images: list[Path]) -> dict[Path, str]:
@@ -106,11 +112,25 @@ def output_names(images: list[Path]) -> dict[Path, str]:
     return names
 
 
-def read_image(path: Path) -> SourceImage:
-    """A 3-D image with finite voxels; anything else is a DataError naming the file."""
+def read_image(path: Path, config: PreprocessConfig | None = None, classes: int = 2) -> SourceImage:
+    """A 3-D image with a sound geometry and finite voxels; anything else is a DataError naming the file.
+    With the run's `config`, an image whose segmentation would need more memory than is available is
+    refused before any voxel is read."""
     nifti = open_nifti(path, "image file is missing")
-    spatial_shape(nifti, path)
+    shape = spatial_shape(nifti, path)
+    check_affine(nifti.affine, shape, path)
+    if config is not None:
+        check_memory(segmentation_bytes(shape, nifti.affine, config, classes), path, "segmenting this image")
     return SourceImage(path, nifti, read_finite_image(nifti, path))
+
+
+def segmentation_bytes(shape: tuple[int, ...], affine: np.ndarray, config: PreprocessConfig, classes: int) -> float:
+    """About the memory segmenting an image takes: on the prepared grid (padded to the ROI) the image, the
+    summed probabilities of every class and the weights (float32), and on the original grid the image and its label."""
+    sizes = voxel_sizes(affine)
+    prepared = resampled_shape(np.array(shape), sizes, np.asarray(config.spacing)) if config.spacing is not None else np.array(shape, dtype=float)
+    prepared = np.maximum(prepared, config.roi)
+    return float(np.prod(prepared)) * 4 * (classes + 3) + float(np.prod(np.array(shape, dtype=float))) * (4 + 2)
 
 
 def save_label(label: np.ndarray, source: nib.spatialimages.SpatialImage, path: Path) -> Path:
@@ -209,7 +229,7 @@ def predict_images(run: Run, images: list[Path], folders: dict[Path, np.ndarray]
     segmenters = {folder: latent_probabilities(run, latent) for folder, latent in folders.items()}
     written = []
     for path in tqdm(images, desc="predicting", unit="image", disable=not progress):
-        source = read_image(path)
+        source = read_image(path, config, run.config.model.out_channels)
         prepared = prepare_image(source.image, source.affine, config)
         for folder, probabilities in segmenters.items():
             classes = segment_prepared(prepared, probabilities, config.roi, source.image.shape, source.affine)

@@ -29,7 +29,7 @@ from matplotlib.lines import Line2D
 from scipy import ndimage
 
 from hypersort_core.atomic import atomic_savefig, atomic_write_text
-from hypersort_core.latents import LABELLED_OUTLIERS, map_plane
+from hypersort_core.latents import LABELLED_OUTLIERS, drawable, map_plane
 
 if TYPE_CHECKING:
     from hypersort_core.analysis import Analysis
@@ -70,7 +70,7 @@ def case_picture(image: np.ndarray, label: np.ndarray, prediction: np.ndarray, s
         axis.imshow(section, cmap="gray", vmin=low, vmax=high, origin="lower", interpolation="nearest", aspect=spacing[up] / spacing[across])
         for foreground, colour in zip(foregrounds, (LABEL_COLOUR, PREDICTION_COLOUR)):
             draw_contour(axis, image_slice(foreground, fixed, centre[fixed]), colour)
-        axis.set_title(f"{name}, {'xyz'[fixed]} = {centre[fixed]}", fontsize=8)
+        axis.set_title(f"{drawable(name)}, {'xyz'[fixed]} = {centre[fixed]}", fontsize=8)
         axis.set_axis_off()
     legend = [Line2D([], [], color=LABEL_COLOUR, label="given label"), Line2D([], [], color=PREDICTION_COLOUR, label="λ = 0 prediction")]
     figure.legend(handles=legend, loc="outside lower center", ncol=2, fontsize=8, frameon=False)
@@ -107,7 +107,7 @@ def plot_cluster_map(analysis: Analysis, path: Path) -> None:
         axis.scatter(xy[members, 0], xy[members, 1], s=24, color=cluster_colour(cluster), edgecolors="k", linewidths=0.3, label=f"{analysis.style(cluster)} ({size})")
     axis.scatter([0], [0], marker="+", color="red", s=120, label="λ = 0")
     for i in analysis.ranking[:LABELLED_OUTLIERS]:
-        axis.annotate(analysis.case_ids[i], xy[i], fontsize=7, xytext=(3, 3), textcoords="offset points", parse_math=False)
+        axis.annotate(drawable(analysis.case_ids[i]), xy[i], fontsize=7, xytext=(3, 3), textcoords="offset points", parse_math=False)
     axis.margins(0.18)  # room for the case names at the edges
     axis.set(xlabel="z0", ylabel="z1" if analysis.latents.shape[1] > 1 else "", aspect="equal", title=f"latent map: {len(clustering.centroids)} clusters ({clustering.method})")
     axis.legend(loc="best", fontsize=8)

@@ -40,18 +40,21 @@ class Run:
 
     def prepared(self, data: Path | None = None, progress: bool = False) -> PreparedData:
         """A dataset preprocessed exactly as the training cases were (the run's cache is reused)."""
-        dataset = read_dataset(data or self.data, self.config.layout)
+        dataset = read_dataset(data or self.data, self.config.layout, split=self.config.split if data is None else None)
         selection = select_labels(dataset, self.config.label)
         return prepare_cases(dataset, selection, self.config.preprocess, run_cache_dir(self.run_dir), skip_bad=self.config.skip_bad, progress=progress)
 
     @torch.no_grad()
-    def probabilities(self, images: torch.Tensor, latent: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Softmax [B, C, *spatial] for images [B, in, *spatial], all segmented by the UNet of one latent [d] (or one per image [B, d])."""
+    def logits(self, images: torch.Tensor, latent: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Logits [B, C, *spatial] (float32) for images [B, in, *spatial], all segmented by the UNet of one latent [d] (or one per image [B, d])."""
         latent = torch.as_tensor(np.asarray(latent), dtype=torch.float32, device=self.device)
         latent = latent.expand(len(images), -1) if latent.dim() == 1 else latent
         with autocast_for(self.config.precision, self.device):
-            logits = self.model(images.to(self.device), latent)
-        return logits.float().softmax(dim=1)
+            return self.model(images.to(self.device), latent).float()
+
+    def probabilities(self, images: torch.Tensor, latent: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Softmax [B, C, *spatial] of `logits`."""
+        return self.logits(images, latent).softmax(dim=1)
 
     def segment(self, image: np.ndarray, latent: np.ndarray | torch.Tensor) -> np.ndarray:
         """Class map of one preprocessed image [X, Y, Z] (sides divisible by the UNet's size multiple)."""

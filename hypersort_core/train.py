@@ -57,7 +57,9 @@ from hypersort_core.data import (
     read_dataset,
     select_labels,
 )
+from hypersort_core.data.cache import check_array
 from hypersort_core.distributed import World, derived_seed, joined
+from hypersort_core.faults import os_error_of
 from hypersort_core.latents import plot_latent_map, write_latents_csv
 from hypersort_core.log import plot_progress, write_log_csv
 from hypersort_core.loss import hypersort_loss
@@ -82,6 +84,7 @@ class FitResult:
     stopped: str | None  # None (finished), "time budget" or "interrupted"
     bad_cases: list[DataError]
     cache_dir: Path  # the prepared cases of these settings, reused by later runs
+    signal: int | None = None  # with stopped == "interrupted": the signal that asked for the stop (SIGINT, SIGTERM)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -120,12 +123,16 @@ def estimated_step_seconds(config: TrainConfig) -> float:
 
 
 class _StopFlag:
-    """Ctrl-C (SIGINT) or SIGTERM (torchrun, a batch scheduler) asks to stop after the current step; a second one stops at once."""
+    """Ctrl-C (SIGINT) or SIGTERM (torchrun, a batch scheduler) asks to stop after the current step and
+    save a checkpoint.  Further signals while that happens are ignored (and said so): a second Ctrl-C
+    must not throw away the checkpoint being written.  Once the context is left, signals act as before
+    (the CLI exits with 128 + the first signal's number: 130 for SIGINT, 143 for SIGTERM)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
+        self.signum: int | None = None  # the first signal received
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
@@ -135,9 +142,13 @@ class _StopFlag:
         previous = {number: signal.getsignal(number) for number in self.SIGNALS}
 
         def request(signum, frame):
+            name = signal.Signals(signum).name
             if self.requested:
-                raise KeyboardInterrupt
-            self.requested = True
+                _say(f"hsort: {name} ignored: still finishing the step and saving the checkpoint; it is on disk before hsort exits")
+                return
+            self.requested, self.signum = True, signum
+            _say(f"hsort: {name}: stopping after this step and saving a checkpoint (continue later with --resume); "
+                 "further Ctrl-C or SIGTERM are ignored until it is saved")
 
         for number in self.SIGNALS:
             signal.signal(number, request)
@@ -146,6 +157,13 @@ class _StopFlag:
         finally:
             for number, handler in previous.items():
                 signal.signal(number, handler)
+
+
+def _say(message: str) -> None:
+    """A line on stderr from a signal handler (no tqdm lock: the handler may interrupt a tqdm write)."""
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.write(f"\n{message}\n")
+        sys.stderr.flush()
 
 
 def write_config(run_dir: Path, config: TrainConfig, data: Path, case_ids: list[str], cache: Path | None = None) -> None:
@@ -172,7 +190,7 @@ def prepare_data(data: Path, config: TrainConfig, cache_dir: Path, world: World 
     With several processes, those of each machine prepare a share of the cases first (every machine
     then has all of them, on a shared file system or not), and then all read the whole cache.
     """
-    dataset = read_dataset(data, config.layout)
+    dataset = read_dataset(data, config.layout, split=config.split)
     selection = select_labels(dataset, config.label)
     config = replace(config, model=replace(config.model, out_channels=selection.num_classes))
     if world.size > 1:
@@ -199,6 +217,7 @@ def build_optimizers(model: HyperSORT, config: TrainConfig, device: torch.device
 
 def write_epoch_outputs(run_dir: Path, model: HyperSORT, state: TrainingState) -> None:
     """The per-epoch files of the run folder, each replaced atomically."""
+    _check_run_folder(run_dir)
     latents = model.latents.weight.detach().float().cpu().numpy()
     write_latents_csv(run_dir, model.case_ids, latents)
     plot_latent_map(run_dir, model.case_ids, latents, state.epoch)
@@ -207,16 +226,30 @@ def write_epoch_outputs(run_dir: Path, model: HyperSORT, state: TrainingState) -
         plot_progress(run_dir, state.log_rows)
 
 
+class RunFolderGone(CheckpointError):
+    """The run folder was deleted, moved or emptied while training ran: nothing more is written (a half folder would follow)."""
+
+
+def _check_run_folder(run_dir: Path) -> None:
+    """Before writing into the run folder: it must still be there, with its config.json (atomic writes create
+    missing parent folders, which would leave a half run folder that neither --resume nor a new fit accepts)."""
+    if not run_dir.is_dir():
+        raise RunFolderGone(f"{run_dir}: the run folder vanished during training (deleted or moved?); stopped without writing anything")
+    if not (run_dir / CONFIG_NAME).is_file():
+        raise RunFolderGone(f"{run_dir}: {CONFIG_NAME} vanished from the run folder during training; stopped without writing anything")
+
+
 @contextlib.contextmanager
 def _full_disk_is_a_clear_error(run_dir: Path) -> Iterator[None]:
     """A full disk while writing the run folder: one line naming the file, not a traceback.
     Every write is atomic, so the checkpoints already on disk stay as they were."""
     try:
         yield
-    except OSError as error:
-        if error.errno not in NO_SPACE_ERRNOS:
+    except (OSError, RuntimeError) as error:  # RuntimeError: torch's zip writer wraps the OSError of a failed write
+        found = os_error_of(error)
+        if found is None or found.errno not in NO_SPACE_ERRNOS:
             raise
-        raise CheckpointError(f"{error.filename or run_dir}: no space left on the device; the checkpoints already written are intact") from error
+        raise CheckpointError(f"{found.filename or run_dir}: no space left on the device; the checkpoints already written are intact") from error
 
 
 def fit(
@@ -264,10 +297,12 @@ def _fit(world: World, data: Path, run_dir: Path, config: TrainConfig, resume: b
     _seed_this_process(payload, state, config, world)
     if payload and state.processes != world.size:
         _continue_with_other_process_count(state, config, world)
+    stop = _StopFlag()
     with _full_disk_is_a_clear_error(run_dir):
-        stopped = _train(model, optimizers, state, TrainingSet(prepared), config, device, run_dir, progress, world)
+        stopped = _train(model, optimizers, state, TrainingSet(prepared, config.augmentation()), config, device, run_dir, progress, world,
+                         stop=stop, prepare_again=prepared.prepare_again)
     unreadable = [DataError(case_ids[index], "its cache became unreadable during training; left out from then on") for index in state.unreadable_cases]
-    return FitResult(run_dir, case_ids, state.epoch, stopped, prepared.bad + unreadable, prepared.cache_dir)
+    return FitResult(run_dir, case_ids, state.epoch, stopped, prepared.bad + unreadable, prepared.cache_dir, stop.signum)
 
 
 def _resume_payload(run_dir: Path, world: World) -> dict:
@@ -294,10 +329,12 @@ def _continue_with_other_process_count(state: TrainingState, config: TrainConfig
     state.processes = world.size
 
 
-def _train(model, optimizers, state, training_set, config, device, run_dir, progress, world: World) -> str | None:
+def _train(model, optimizers, state, training_set, config, device, run_dir, progress, world: World, stop=None, prepare_again=None) -> str | None:
+    """prepare_again(index): prepares a case whose cache entry is found damaged again (None when that worked, else the problem)."""
     autocast = autocast_for(config.precision, device)
     hypernet = world.synchronized(model.hypernet, device)
-    stop = _StopFlag()
+    stop = stop or _StopFlag()
+    prepared_again: set[int] = set()  # each case is prepared again once at most
     started = time.monotonic() - state.elapsed_seconds
     budget = None if config.max_minutes is None else config.max_minutes * 60
 
@@ -306,6 +343,7 @@ def _train(model, optimizers, state, training_set, config, device, run_dir, prog
         state.elapsed_seconds = time.monotonic() - started
         rng = world.gather(rng_state())
         if world.is_main:
+            _check_run_folder(run_dir)
             save_checkpoint(run_dir, model, optimizers, state, rng)
         world.barrier()
 
@@ -335,7 +373,7 @@ def _train(model, optimizers, state, training_set, config, device, run_dir, prog
             for batch, global_batch in zip(bar, global_batches):
                 over_budget = budget is not None and time.monotonic() - started > budget
                 step = _train_step(model, optimizers, batch, config, device, autocast, hypernet, world, global_batch, (stop.requested, over_budget))
-                _leave_out_unreadable(state, step.unreadable, report=world.is_main)
+                _leave_out_unreadable(state, step.unreadable, report=world.is_main, prepare_again=prepare_again, prepared_again=prepared_again)
                 if step.cases:
                     _record_step(state, step, report=world.is_main)
                     bar.set_postfix(loss=f"{step.loss:.4f}", latent=f"{_mean_latent_norm(model):.4f}")
@@ -356,6 +394,8 @@ def _train(model, optimizers, state, training_set, config, device, run_dir, prog
                 write_epoch_outputs(run_dir, model, state)
             if state.epoch % config.checkpoint_every == 0 or state.epoch == config.epochs:
                 checkpoint()
+        if stop.requested:  # a signal during the last epoch's outputs: the checkpoint is written, nothing more runs
+            return "interrupted"
     return None
 
 
@@ -488,25 +528,22 @@ class _SkipsUnreadableCases(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         try:
-            return self.training_set[index]
+            item = self.training_set[index]
         except UNREADABLE as error:
             return {"unreadable": index, "problem": _unreadable_problem(self.training_set.cases[index], error)}
+        if not torch.isfinite(item["image"]).all():  # a prepared volume overwritten with NaN: one skipped step per epoch otherwise
+            case = self.training_set.cases[index]
+            return {"unreadable": index, "problem": f"case {case.case_id}: {case.image_file} holds NaN or infinite values"}
+        return item
 
 
 def _unreadable_problem(case, error: Exception) -> str:
     """Name the case and the first of its cached files that no longer loads."""
     files = [path for path in (case.image_file, case.label_file, case.foreground_file) if path is not None]
-    culprit = next((path for path in files if not _loads(path)), "its cache")
-    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    culprit, reason = next(((path, problem) for path in files if (problem := check_array(path))), ("its cache", None))
+    if reason is None:  # numpy's own messages run on (and advise loading untrusted files with allow_pickle): first line only
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).split(". ")[0].splitlines()[0]
     return f"case {case.case_id}: {culprit} is unreadable ({reason})"
-
-
-def _loads(path: Path) -> bool:
-    try:
-        np.load(path, mmap_mode="r")
-    except UNREADABLE:
-        return False
-    return True
 
 
 def _collate_readable(items: list[dict]) -> dict:
@@ -517,13 +554,25 @@ def _collate_readable(items: list[dict]) -> dict:
     return batch
 
 
-def _leave_out_unreadable(state: TrainingState, unreadable: list[tuple[int, str]], report: bool) -> None:
-    """Report each newly unreadable case once; later epochs leave it out."""
+def _leave_out_unreadable(state: TrainingState, unreadable: list[tuple[int, str]], report: bool, prepare_again=None, prepared_again=None) -> None:
+    """A case found unreadable is prepared again from its source files, once (every process does, so that all
+    keep the same case list); if that fails, or it is found unreadable again, it is reported once and later
+    epochs leave it out."""
+    prepared_again = set() if prepared_again is None else prepared_again
     for index, problem in unreadable:
-        if index not in state.unreadable_cases:
-            state.unreadable_cases.append(index)
-            if report:
-                _warn(f"{problem}; the case is left out of training from now on")
+        if index in state.unreadable_cases:
+            continue
+        if prepare_again is not None and index not in prepared_again:
+            prepared_again.add(index)
+            failure = prepare_again(index)
+            if failure is None:
+                if report:
+                    _warn(f"{problem}; prepared it again from its source files")
+                continue
+            problem = f"{problem}; preparing it again failed ({failure})"
+        state.unreadable_cases.append(index)
+        if report:
+            _warn(f"{problem}; the case is left out of training from now on")
 
 
 def _warn(message: str) -> None:

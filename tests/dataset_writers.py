@@ -114,6 +114,38 @@ def write_manifest(
     return manifest
 
 
+REFERENCE_LIST_HEADER = "DataPath\tLabelPath"  # the header of the reference code's data_files/data_list_TS.txt
+TOTALSEGMENTATOR_META_HEADER = (  # meta.csv of the TotalSegmentator v2 release
+    "image_id;age;gender;institute;study_type;split;manufacturer;scanner_model;kvp;pathology;pathology_location"
+)
+
+
+def write_reference_checkout(root: Path, n_cases: int = 3, shape=SHAPE, affine=None) -> Path:
+    """A checkout of the reference code as its users fill it: data_files/data_list_TS.txt, laid out like the
+    repository's own (tab-separated, CRLF, no final newline), listing path_TS_dataset/{images,labels}/{i}.nii.gz
+    relative to the checkout's root, where its main.py runs. Returns the list."""
+    rows = [REFERENCE_LIST_HEADER]
+    for index in range(n_cases):
+        image, label = phantom(index, shape)
+        write_nifti(root / "path_TS_dataset" / "images" / f"{index}.nii.gz", image, affine)
+        write_nifti(root / "path_TS_dataset" / "labels" / f"{index}.nii.gz", label, affine)
+        rows.append(f"path_TS_dataset/images/{index}.nii.gz\tpath_TS_dataset/labels/{index}.nii.gz")
+    data_list = root / "data_files" / "data_list_TS.txt"
+    data_list.parent.mkdir(parents=True, exist_ok=True)
+    data_list.write_bytes("\r\n".join(rows).encode())
+    return data_list
+
+
+def write_totalsegmentator_meta(root: Path, splits: dict[str, str]) -> Path:
+    """meta.csv as the TotalSegmentator release has it (UTF-8 with a byte-order mark, ';'), one row per
+    {image_id: split}."""
+    rows = [TOTALSEGMENTATOR_META_HEADER]
+    rows += [f"{subject};63;m;A;ct abdomen-pelvis;{split};siemens;SOMATOM;120;no_pathology;" for subject, split in splits.items()]
+    meta = root / "meta.csv"
+    meta.write_bytes(("\ufeff" + "\n".join(rows) + "\n").encode())
+    return meta
+
+
 def write_json(path: Path, content: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(content, indent=2))

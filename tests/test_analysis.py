@@ -6,13 +6,14 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from cli_checks import assert_one_line_error
 from click.testing import CliRunner
 from hypersort_core.cli.analyze import analyze
 
 from hypersort_core.analysis import analyze_run, find_clusters
-from hypersort_core.baselines import scored_roi
+from hypersort_core.baselines import scored_roi, segmentation_loss
 from hypersort_core.config import ConfigError
 from hypersort_core.evaluate import read_clusters_csv
 from hypersort_core.latents import latent_scores
@@ -94,7 +95,7 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def test_ranking_lists_every_case_once_by_latent_norm_with_its_scores(analyzed, trained_run):
+def test_ranking_lists_every_case_once_by_the_main_style_loss_with_its_scores(analyzed, trained_run):
     run = load_run(trained_run)
     rows = read_rows(analyzed.run_dir / "ranking.csv")
 
@@ -102,8 +103,9 @@ def test_ranking_lists_every_case_once_by_latent_norm_with_its_scores(analyzed, 
     assert [int(row["rank"]) for row in rows] == list(range(1, len(rows) + 1))
     norm, mean_dist = latent_scores(run.latents())
     by_case = dict(zip(run.case_ids, zip(norm, mean_dist)))
-    assert [float(row["norm"]) for row in rows] == pytest.approx(sorted(norm, reverse=True), rel=1e-5)
+    assert [float(row["loss_lambda0"]) for row in rows] == pytest.approx(sorted(analyzed.loss_lambda0, reverse=True), rel=1e-5)
     for row in rows:
+        assert float(row["norm"]) == pytest.approx(by_case[row["case"]][0], rel=1e-5)
         assert float(row["mean_dist"]) == pytest.approx(by_case[row["case"]][1], rel=1e-5)
         assert float(row["nll"]) == pytest.approx(analyzed.columns["nll"][run.case_ids.index(row["case"])], rel=1e-5)
         assert 0 <= float(row["dice_lambda0"]) <= 1
@@ -111,14 +113,23 @@ def test_ranking_lists_every_case_once_by_latent_norm_with_its_scores(analyzed, 
         assert Path(row["label"]).is_file() and row["case"] in Path(row["label"]).name
 
 
-def test_dice_compares_the_given_label_with_the_main_style_prediction(analyzed, trained_run):
+def test_loss_and_dice_compare_the_given_label_with_the_main_style_prediction(analyzed, trained_run):
     run = load_run(trained_run)
     case = run.prepared().cases[0]
     image, label = scored_roi(case, run.config.preprocess)
-    prediction = run.segment(image, np.zeros(run.config.model.latent_dim)) > 0
+    main_style = np.zeros(run.config.model.latent_dim)
+    prediction = run.segment(image, main_style) > 0
     given = np.asarray(label) > 0
     dice = 2 * (prediction & given).sum() / (prediction.sum() + given.sum())
     assert analyzed.dice[run.case_ids.index(case.case_id)] == pytest.approx(dice)
+    logits = run.logits(torch.from_numpy(np.array(image, dtype=np.float32))[None, None], main_style)
+    loss = segmentation_loss(logits, torch.from_numpy(np.array(label, dtype=np.int64))[None])
+    assert analyzed.loss_lambda0[run.case_ids.index(case.case_id)] == pytest.approx(float(loss[0]), rel=1e-5)
+
+
+def test_the_most_suspicious_cases_have_pictures(analyzed):
+    drawn = {index for index, picture in enumerate(analyzed.pictures) if picture is not None}
+    assert set(analyzed.ranking[: analyzed.gallery].tolist()) <= drawn
 
 
 def test_clusters_csv_names_the_main_style_and_is_what_predict_reads(analyzed):

@@ -98,7 +98,7 @@ def image_affine_with_nan(root):
     header_and_data = bytearray(gzip.decompress(image_of(root).read_bytes()))
     header_and_data[280:284] = struct.pack("<f", np.nan)
     image_of(root).write_bytes(gzip.compress(bytes(header_and_data)))
-    return image_of(root), "image affine holds NaN or infinite values"
+    return image_of(root), "affine (qform/sform) holds NaN or infinite values"
 
 
 def missing_dataset_json_key(root):

@@ -207,8 +207,12 @@ def test_a_loss_that_stays_nan_ends_hsort_fit_with_one_line_and_exit_code_2(data
     assert result.stderr.strip().splitlines()[-1].startswith("hsort: error: training stopped: the loss was NaN or Inf")
 
 
-@pytest.mark.parametrize("damage", [delete, truncate])
-def test_a_case_whose_cache_becomes_unreadable_mid_run_is_reported_once_and_left_out(dataset, tmp_path, monkeypatch, capsys, damage, cache_dir):
+def garble(path: Path) -> None:
+    path.write_bytes(b"\x93NUMPY" + b"garbage" * 20)
+
+
+@pytest.mark.parametrize("damage", [delete, truncate, garble])
+def test_a_case_whose_cache_becomes_unreadable_mid_run_is_prepared_again_once(dataset, tmp_path, monkeypatch, capsys, damage, cache_dir):
     real_write, latents_after_epoch_1 = hypersort_core.train.write_epoch_outputs, []
 
     def damage_a_case_after_epoch_1(run_dir, model, state):
@@ -221,8 +225,31 @@ def test_a_case_whose_cache_becomes_unreadable_mid_run_is_reported_once_and_left
     result = fit(dataset, tmp_path / "run", tiny_config(epochs=3), progress=False)
     assert result.epochs_done == 3
     warnings = [line for line in capsys.readouterr().err.splitlines() if "synth_003" in line]
-    assert len(warnings) == 1 and ".label.npy is unreadable" in warnings[0]
+    assert len(warnings) == 1 and ".label.npy is unreadable" in warnings[0] and "prepared it again from its source files" in warnings[0]
+    assert "allow_pickle" not in warnings[0]
+    assert not result.bad_cases
+    final = load_checkpoint(result.run_dir / "checkpoint.pt")["model"]["latents.weight"]
+    assert not np.allclose(final[3].numpy(), latents_after_epoch_1[0][3].numpy())  # trained on after its repair
+
+
+def test_a_case_whose_cache_and_source_both_become_unreadable_is_reported_once_and_left_out(tmp_path, monkeypatch, capsys, cache_dir, one_torch_thread):
+    from hypersort_core.data import make_synthetic_dataset
+
+    data = make_synthetic_dataset(tmp_path / "data", cases=5, size=16, perturbed=0.0, seed=0)
+    real_write, latents_after_epoch_1 = hypersort_core.train.write_epoch_outputs, []
+
+    def damage_a_case_after_epoch_1(run_dir, model, state):
+        real_write(run_dir, model, state)
+        if state.epoch == 1:
+            truncate(next(cache_dir.rglob("*synth_003*.label.npy")))
+            (data / "labelsTr" / "synth_003.nii.gz").unlink()
+            latents_after_epoch_1.append(model.latents.weight.detach().clone())
+
+    monkeypatch.setattr(hypersort_core.train, "write_epoch_outputs", damage_a_case_after_epoch_1)
+    result = fit(data, tmp_path / "run", tiny_config(epochs=3), progress=False)
+    assert result.epochs_done == 3
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "synth_003" in line]
+    assert len(warnings) == 1 and "preparing it again failed" in warnings[0] and "left out" in warnings[0]
     assert any("synth_003" in str(error) for error in result.bad_cases)
     final = load_checkpoint(result.run_dir / "checkpoint.pt")["model"]["latents.weight"]
     np.testing.assert_array_equal(final[3].numpy(), latents_after_epoch_1[0][3].numpy())  # trained no more
-    assert not np.allclose(final[0].numpy(), latents_after_epoch_1[0][0].numpy())  # the others did

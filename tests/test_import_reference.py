@@ -5,7 +5,7 @@ import pytest
 import torch
 from cli_checks import assert_one_line_error
 from click.testing import CliRunner
-from dataset_writers import write_manifest
+from dataset_writers import write_manifest, write_reference_checkout
 from hypersort_core.cli.predict import import_reference
 
 from hypersort_core.model import ModelConfig, flatten_state_dict
@@ -99,3 +99,30 @@ def test_malformed_checkpoint_is_one_line(reference_checkpoint, tmp_path, break_
 def test_a_file_that_is_not_a_checkpoint_is_one_line(reference_checkpoint, tmp_path):
     (tmp_path / "latent_dict.pt").write_bytes(b"not a checkpoint")
     assert_one_line_error(run_import(tmp_path), tmp_path / "latent_dict.pt")
+
+
+def test_the_reference_checkouts_own_data_list_is_imported_as_it_is(reference_checkpoint, tmp_path):
+    """data_files/data_list_TS.txt (tabs, CRLF, paths relative to the checkout's root): latent_dict's row i
+    is the list's row i, whatever the working directory of the import."""
+    _, latents, _ = reference_checkpoint
+    data_list = write_reference_checkout(tmp_path / "HyperSORT", n_cases=3)
+    files = [tmp_path / "model_w.pt", tmp_path / "latent_dict.pt", data_list]
+    result = CliRunner().invoke(import_reference, [*map(str, files), "--out", str(tmp_path / "run"), *SMALL_GRID])
+    assert result.exit_code == 0, result.output
+
+    run = load_run(tmp_path / "run", "cpu")
+    assert run.case_ids == ["0", "1", "2"]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"] == str(data_list)
+    for row in range(3):
+        torch.testing.assert_close(torch.from_numpy(run.latent_of(str(row))), latents[row][0], rtol=0, atol=0)
+    assert [case.case_id for case in run.prepared().cases] == run.case_ids
+
+
+def test_a_data_list_whose_images_are_not_found_is_one_line_naming_it_and_the_path(reference_checkpoint, tmp_path):
+    data_list = write_reference_checkout(tmp_path / "HyperSORT", n_cases=3)
+    moved = data_list.rename(tmp_path / "data_list_TS.txt")  # out of the checkout: nothing above it holds the data
+    files = [tmp_path / "model_w.pt", tmp_path / "latent_dict.pt", moved]
+    result = CliRunner().invoke(import_reference, [*map(str, files), "--out", str(tmp_path / "run"), *SMALL_GRID])
+    assert_one_line_error(result, moved)
+    assert "path_TS_dataset/images/0.nii.gz (row 2) is not found" in result.stderr
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()

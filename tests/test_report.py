@@ -52,6 +52,7 @@ def analysis_of(case_ids: list[str], run_dir: Path) -> Analysis:
         label_files=[f"/data/labels/{case}.nii.gz" for case in case_ids],
         latents=latents,
         clustering=find_clusters(latents),
+        loss_lambda0=rng.uniform(size=len(case_ids)),
         dice=rng.uniform(size=len(case_ids)),
         pictures=pictures,
         gallery=2,
@@ -96,7 +97,7 @@ def test_the_report_gallery_shows_the_flagged_cases_worst_first(hostile):
 def test_the_map_data_has_one_point_per_case_with_its_rank_and_scores(hostile):
     data = embedded_data(latent_map_page(hostile))
     assert [case["rank"] for case in data["cases"]] == [int(np.flatnonzero(hostile.ranking == i)[0]) + 1 for i in range(len(HOSTILE_IDS))]
-    assert [column["name"] for column in data["columns"]] == ["norm", "mean_dist", "nll", "dice_lambda0"]
+    assert [column["name"] for column in data["columns"]] == ["norm", "mean_dist", "nll", "loss_lambda0", "dice_lambda0"]
     assert [case["values"] for case in data["cases"]] == pytest.approx(np.column_stack(list(hostile.columns.values())))
     assert [case["picture"] for case in data["cases"]] == ["data:image/png;base64," + base64.b64encode(p).decode() for p in hostile.pictures]
 

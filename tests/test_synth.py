@@ -1,12 +1,14 @@
 """The synthetic phantoms: deterministic, CT-like, and with perturbations recorded exactly."""
 
 import csv
+import json
 import shutil
 
 import nibabel as nib
 import numpy as np
 import pytest
 from dataset_writers import write_manifest
+from scipy import ndimage
 
 from hypersort_core.data import (
     DataError,
@@ -17,6 +19,9 @@ from hypersort_core.data import (
     read_dataset,
     select_labels,
 )
+from hypersort_core.data import label_errors
+from hypersort_core.data.label_errors import ERROR_KINDS
+from hypersort_core.data.synth import phantom
 
 
 def perturbation_rows(out) -> list[dict[str, str]]:
@@ -49,9 +54,81 @@ def test_default_dataset_has_the_papers_share_of_perturbed_labels(tmp_path):
     perturbed = [row for row in rows if row["kind"] != "clean"]
     assert len(perturbed) == 9
     assert [row["kind"] for row in perturbed] == ["eroded", "dilated"] * 4 + ["eroded"]
-    assert all(1 <= int(row["iterations"]) <= 3 and int(row["voxels_changed"]) > 0 for row in perturbed)
-    assert all((row["iterations"], row["voxels_changed"]) == ("0", "0") for row in rows if row["kind"] == "clean")
+    assert all(1 <= json.loads(row["parameters"])["iterations"] <= 3 and int(row["voxels_changed"]) > 0 for row in perturbed)
+    assert all((row["severity"], row["parameters"], row["voxels_changed"]) == ("0", "{}", "0") for row in rows if row["kind"] == "clean")
+    assert {row["style"] for row in rows} == {"main"}
     assert len(read_dataset(out).cases) == 60
+
+
+def test_every_error_kind_and_a_style_subset(tmp_path):
+    out = make_synthetic_dataset(tmp_path / "synth", cases=20, size=24, perturbed=0.35, seed=5, kinds=tuple(ERROR_KINDS), style="neighbour", style_fraction=0.2)
+    clean = make_synthetic_dataset(tmp_path / "clean", cases=20, size=24, perturbed=0.0, seed=5)
+    rows = perturbation_rows(out)
+    assert sorted(row["kind"] for row in rows if row["kind"] != "clean") == sorted(ERROR_KINDS)
+    style_rows = [row for row in rows if row["style"] == "neighbour"]
+    assert len(style_rows) == 4 and all(row["kind"] == "clean" for row in style_rows)
+    for row in rows:
+        image, label = volumes(out, row["case"])
+        clean_image, organ = volumes(clean, row["case"])
+        np.testing.assert_array_equal(image, clean_image)  # only the label is wrong
+        assert np.count_nonzero(label != organ) == int(row["voxels_changed"])
+        assert (row["kind"] == "clean" and row["style"] == "main") == (row["voxels_changed"] == "0")
+        json.loads(row["parameters"])
+
+
+@pytest.fixture(scope="module")
+def anatomy():
+    return phantom(24, np.random.default_rng(3))[1]
+
+
+@pytest.mark.parametrize("severity", [1, 2, 3])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_each_error_kind_changes_the_label_as_its_name_says(anatomy, severity, seed):
+    organ, neighbour = anatomy.organ, anatomy.neighbours[0]
+    made = {kind: error(anatomy, severity, np.random.default_rng(seed))[0] for kind, error in ERROR_KINDS.items()}
+    assert all(label.any() and not np.array_equal(label, organ) for label in made.values())
+    for kind in ("eroded", "incomplete", "holes"):
+        assert not np.any(made[kind] & ~organ), kind  # labels missing, none added
+    for kind in ("dilated", "extra"):
+        assert np.all(made[kind][organ]), kind  # labels added, none missing
+    added = made["extra"] & ~organ
+    assert not np.any(added & neighbour) and np.all(anatomy.body[added])  # tissue, not the adjacent structure
+    holes = organ & ~made["holes"]
+    assert not np.any(holes & ~ndimage.binary_erosion(organ))  # inside the organ, the contour kept
+    shifted = made["shift"]
+    assert abs(int(shifted.sum()) - int(organ.sum())) <= 0.3 * organ.sum()
+    wrong = made["wrong_neighbour"]
+    if severity < 3:
+        np.testing.assert_array_equal(wrong, organ | neighbour)
+    else:
+        np.testing.assert_array_equal(wrong, neighbour)
+
+
+def test_incomplete_leaves_out_the_cranial_end_or_a_run_of_slices(anatomy):
+    for seed in range(6):
+        label, parameters = label_errors.incomplete(anatomy, 2, np.random.default_rng(seed))
+        missing = anatomy.organ & ~label
+        axis = 2 if parameters["part"] == "cranial end" else parameters["axis"]
+        planes = np.flatnonzero(missing.any(axis=tuple(a for a in range(3) if a != axis)))
+        assert len(planes) == parameters["slices"] and np.all(np.diff(planes) == 1)  # one run of whole slices
+        if parameters["part"] == "cranial end":
+            assert planes[-1] == label_errors.extent(anatomy.organ, 2)[1]
+
+
+def test_style_protocols(anatomy):
+    included = label_errors.STYLES["neighbour"](anatomy)
+    np.testing.assert_array_equal(included, anatomy.organ | anatomy.neighbours[0])
+    coarse = label_errors.STYLES["coarse"](anatomy)
+    assert 0.7 < coarse.sum() / anatomy.organ.sum() < 1.3 and not np.array_equal(coarse, anatomy.organ)
+
+
+def test_settings_that_cannot_make_a_dataset_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown error kind"):
+        make_synthetic_dataset(tmp_path / "a", kinds=("smudged",))
+    with pytest.raises(ValueError, match="needs a style"):
+        make_synthetic_dataset(tmp_path / "b", style_fraction=0.2)
+    with pytest.raises(ValueError, match="add up to 1"):
+        make_synthetic_dataset(tmp_path / "c", perturbed=0.8, style="coarse", style_fraction=0.3)
 
 
 def test_voxels_changed_is_the_difference_from_the_clean_label(tmp_path):

@@ -12,18 +12,20 @@ and renamed, so processes filling one cache at the same time never see each othe
 import contextlib
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from hypersort_core.atomic import atomic_open, atomic_write_text
+from hypersort_core.faults import warn
 
 from .errors import DataError
 from .labels import LabelSelection
@@ -34,6 +36,9 @@ from .volumes import case_files, read_case
 CACHE_FORMAT = 1  # bump when a change to preprocessing makes existing caches wrong
 CACHE_ENV = "HSORT_CACHE"
 ABANDONED_AFTER_SECONDS = 3600  # a temporary file this old belongs to a write that a kill cut short
+MAX_NAME_BYTES = 255  # the longest file name of common file systems (ext4, XFS, NTFS, APFS)
+MAX_ID_BYTES_IN_NAMES = 100  # longer case ids are shortened (with a hash) in file names: names stay under 255 bytes
+READ_WHOLE_BELOW_BYTES = 64 * 2**20  # smaller .npy files are read, not memory-mapped: truncation underneath cannot SIGBUS
 
 
 def default_cache_dir() -> Path:
@@ -56,10 +61,62 @@ class PreparedCase:
     foreground_file: Path | None = None  # flat indices of the foreground voxels, for random crops
 
     def load_image(self) -> np.ndarray:
-        return np.load(self.image_file, mmap_mode="r")
+        return load_array(self.image_file)
 
     def load_label(self) -> np.ndarray:
-        return np.load(self.label_file, mmap_mode="r")
+        return load_array(self.label_file)
+
+    def files(self) -> list[Path]:
+        return [path for path in (self.image_file, self.label_file, self.foreground_file) if path is not None]
+
+
+class DamagedArray(DataError, ValueError):
+    """A cached .npy file that is truncated, overwritten or not an array (the problem says which, in one line).
+    A DataError, so that a command meeting one reports it in one line; a ValueError, as numpy's own are."""
+
+
+def array_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int, bool]:
+    """Shape, dtype, data offset and Fortran order of a .npy file, after checking that the file holds all the data its header
+    promises; a DamagedArray otherwise (an OSError for a missing or unreadable file)."""
+    with open(path, "rb") as handle:
+        try:
+            version = np.lib.format.read_magic(handle)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(handle)
+        except (ValueError, EOFError, SyntaxError, UnicodeDecodeError) as error:
+            raise DamagedArray(path, f"not a .npy array ({' '.join(str(error).split())[:120]})") from None
+        offset = handle.tell()
+    if dtype.hasobject:
+        raise DamagedArray(path, "holds Python objects, not a prepared array")
+    expected = offset + math.prod(shape) * dtype.itemsize
+    size = os.stat(path).st_size
+    if size < expected:
+        raise DamagedArray(path, f"truncated: {size} bytes where its header promises {expected}")
+    return shape, dtype, offset, fortran
+
+
+def check_array(path: Path) -> str | None:
+    """Why a cached array cannot be loaded, or None when it can."""
+    try:
+        array_header(path)
+    except DamagedArray as error:
+        return error.problem
+    except OSError as error:
+        return error.strerror or str(error)
+    return None
+
+
+def load_array(path: Path) -> np.ndarray:
+    """A cached .npy array, checked against its header first; large ones memory-mapped, small ones read."""
+    shape, dtype, offset, fortran = array_header(path)
+    if math.prod(shape) * dtype.itemsize < READ_WHOLE_BELOW_BYTES:
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            data = np.fromfile(handle, dtype=dtype, count=math.prod(shape))
+        if data.size != math.prod(shape):  # truncated between the check and the read
+            raise DamagedArray(path, f"truncated while it was read ({data.size} of {math.prod(shape)} values)")
+        return data.reshape(shape, order="F" if fortran else "C")
+    return np.load(path, mmap_mode="r")
 
 
 @dataclass
@@ -70,6 +127,23 @@ class PreparedData:
     bad: list[DataError]  # only with skip_bad
     cache_dir: Path  # the folder of these settings: the cache_dir argument / <hash>
     config: PreprocessConfig
+    sources: dict = field(default_factory=dict, repr=False, compare=False)  # case id -> (Case, declared values, selection)
+
+    def prepare_again(self, index: int) -> str | None:
+        """Prepare case `index` again from its source files (its cache entry was found damaged); None when
+        that worked (cases[index] then is the new entry), else the problem."""
+        case_id = self.cases[index].case_id
+        if case_id not in self.sources:
+            return "its source files are not known here"
+        case, declared_values, selection = self.sources[case_id]
+        try:
+            record_case(case, declared_values, selection, self.config, self.cache_dir)
+            self.cases[index] = cached_case(case, selection, self.cache_dir)
+        except DataError as error:
+            return str(error)
+        except OSError as error:
+            return f"{error.filename or self.cache_dir}: {error.strerror or error}"
+        return None
 
 
 def prepare_cases(
@@ -86,14 +160,30 @@ def prepare_cases(
     prepared, bad = [], []
     for case in dataset.cases:
         try:
-            prepared.append(cached_case(case, selection, folder))
+            prepared.append(sound_cached_case(case, dataset.declared_values, selection, config, folder))
         except DataError as error:
             if not skip_bad:
                 raise
             bad.append(error)
     if not prepared:
         raise DataError(dataset.root, f"no usable case left: all {len(bad)} cases are bad, e.g. {bad[0]}")
-    return PreparedData(prepared, bad, folder, config)
+    sources = {case.case_id: (case, dataset.declared_values, selection) for case in dataset.cases}
+    return PreparedData(prepared, bad, folder, config, sources)
+
+
+def sound_cached_case(case: Case, declared_values, selection: LabelSelection, config: PreprocessConfig, folder: Path) -> PreparedCase:
+    """The cache entry of a case, prepared again from its source files (with a warning naming the case) when
+    one of its files is missing, truncated or damaged, or its record unreadable."""
+    try:
+        entry = cached_case(case, selection, folder)
+        problem = next((f"{path.name} {problem}" for path in entry.files() if (problem := check_array(path))), None)
+    except (OSError, ValueError, KeyError, TypeError) as error:  # a damaged or foreign .json record
+        problem = f"its record is unreadable ({type(error).__name__})"
+    if problem is None:
+        return entry
+    warn(f"case {case.case_id}: its prepared cache entry is damaged ({problem}); preparing it again from its source files")
+    record_case(case, declared_values, selection, config, folder)
+    return cached_case(case, selection, folder)
 
 
 def fill_cache(
@@ -124,12 +214,30 @@ def fill_cache(
             bar.update()
     else:
         # forkserver: a fresh, single-threaded parent for the workers, never a fork of this (threaded) process.
-        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("forkserver")) as pool:
+        pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("forkserver"))
+        try:
             for done in as_completed([pool.submit(record_case, *job) for job in jobs]):
                 done.result()
                 bar.update()
+        except BaseException:  # Ctrl-C, SIGTERM (faults.Terminated), a failed job: no worker may outlive this process
+            stop_pool(pool)
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
     bar.close()
     return folder
+
+
+def stop_pool(pool: ProcessPoolExecutor) -> None:
+    """End a pool's workers now (their unfinished entries are written under temporary names, never
+    half-visible); the forkserver and the resource tracker end with this process."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        with contextlib.suppress(Exception):
+            process.terminate()
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        with contextlib.suppress(Exception):
+            process.join(timeout=5)
 
 
 def remove_abandoned_writes(folder: Path) -> None:
@@ -145,7 +253,38 @@ def remove_abandoned_writes(folder: Path) -> None:
 def record_path(case: Case, selection: LabelSelection, folder: Path) -> Path:
     """The .json record of a case's cache entry; the name changes when an input file does."""
     inputs = [file_stamp(file) for file in case_files(case, selection)]
-    return folder / f"{case.case_id}.{digest(inputs)}.json"
+    return folder / f"{safe_file_stem(case.case_id)}.{digest(inputs)}.json"
+
+
+def output_file_name(case_id: str, ending: str = ".nii.gz") -> str:
+    """The file a case's output is written to: `{case_id}{ending}`, unless that name would be hidden
+    (`.`, `..`, a leading dot), hold a path separator or be too long for a file system (255 bytes); then
+    the shortened, hashed name of safe_file_stem."""
+    name = f"{case_id}{ending}"
+    if output_name_problem(case_id, ending) is None:
+        return name
+    return f"{safe_file_stem(case_id)}{ending}"
+
+
+def output_name_problem(case_id: str, ending: str = ".nii.gz") -> str | None:
+    """Why `{case_id}{ending}` cannot name an output file as it is (None when it can)."""
+    name = f"{case_id}{ending}"
+    if not case_id or case_id.startswith(".") or case_id in (".", ".."):
+        return f"case id {case_id!r} would name a hidden output file ({name})"
+    if "/" in case_id or "\\" in case_id or "\0" in case_id:
+        return f"case id {case_id!r} holds a path separator"
+    if len(name.encode()) > MAX_NAME_BYTES:
+        return f"case id of {len(case_id.encode())} bytes is too long for an output file name ({MAX_NAME_BYTES} bytes with {ending})"
+    return None
+
+
+def safe_file_stem(case_id: str) -> str:
+    """A case id as the start of a file name: kept when short and plain, else its plain characters cut
+    short and a hash of the whole id (ids of 250 characters, `.`, `..`, or characters a file system refuses)."""
+    plain = "".join(character if character.isalnum() or character in "-_" else "_" for character in case_id)
+    if plain == case_id and len(case_id.encode()) <= MAX_ID_BYTES_IN_NAMES and not case_id.startswith("-"):
+        return case_id
+    return f"{plain[:MAX_ID_BYTES_IN_NAMES // 2]}~{hashlib.sha256(case_id.encode()).hexdigest()[:12]}"
 
 
 def record_case(case: Case, declared_values, selection: LabelSelection, config: PreprocessConfig, folder: Path) -> None:

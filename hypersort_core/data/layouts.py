@@ -3,6 +3,7 @@
 Readers only list files; they never open a volume. Images and labels are paired by case id,
 and a file whose partner is missing still yields a case pointing at the expected partner path:
 `prepare_cases` then reports that case as bad, so a run with skip_bad can drop it and go on.
+A TotalSegmentator dataset can be cut to one of the splits its meta.csv assigns (`split`).
 """
 
 import csv
@@ -14,7 +15,10 @@ from .errors import DataError
 
 LAYOUTS = ("nnunet", "msd", "totalsegmentator", "folders", "manifest")
 NIFTI_ENDINGS = (".nii.gz", ".nii")
-MANIFEST_SUFFIXES = (".tsv", ".csv")
+MANIFEST_SUFFIXES = (".tsv", ".csv")  # what a dataset folder's manifest is named
+DATA_LIST_SUFFIXES = (*MANIFEST_SUFFIXES, ".txt")  # a list named directly may also be the reference code's .txt
+TOTALSEGMENTATOR_META = "meta.csv"  # the release's subject table: image_id;age;gender;institute;study_type;split;...
+META_DELIMITERS = (";", ",", "\t")  # the release uses ";"; a table re-saved by a spreadsheet may use another
 NOT_MANIFESTS = {"perturbations.csv"}  # written next to synthetic datasets by make_synthetic_dataset
 
 
@@ -51,8 +55,11 @@ class Dataset:
         return None
 
 
-def read_dataset(root: Path | str, layout: str = "auto") -> Dataset:
-    """List the cases of the dataset at `root`, detecting its layout unless one is forced."""
+def read_dataset(root: Path | str, layout: str = "auto", split: str | None = None) -> Dataset:
+    """List the cases of the dataset at `root`, detecting its layout unless one is forced.
+
+    `split` keeps the TotalSegmentator subjects that meta.csv puts in that split (train, val, test).
+    """
     root = Path(root).absolute()
     if not root.exists():
         raise DataError(root, "does not exist")
@@ -61,6 +68,8 @@ def read_dataset(root: Path | str, layout: str = "auto") -> Dataset:
     elif layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of auto, {', '.join(LAYOUTS)}")
     dataset = READERS[layout](root)
+    if split is not None:
+        dataset = subjects_in_split(dataset, split)
     if not dataset.cases:
         raise DataError(dataset.root, f"no cases found ({layout} layout)")
     dataset.cases.sort(key=lambda case: case.case_id)
@@ -167,6 +176,57 @@ def read_totalsegmentator(root: Path) -> Dataset:
     return Dataset(root, "totalsegmentator", cases, label_names)
 
 
+def subjects_in_split(dataset: Dataset, split: str) -> Dataset:
+    """The TotalSegmentator subjects meta.csv puts in `split`.
+
+    Structures stay numbered as in the whole dataset, so label values mean the same in every split.
+    Subjects meta.csv lists without a folder (a partial download) are left out, as are folders it does
+    not list (they belong to no split); a split none of whose subjects has a folder is an error.
+    """
+    if dataset.layout != "totalsegmentator":
+        problem = f"--split picks TotalSegmentator subjects by meta.csv; this is a {dataset.layout} dataset"
+        raise DataError(dataset.root, problem)
+    meta = dataset.root / TOTALSEGMENTATOR_META
+    splits = read_subject_splits(meta)
+    wanted = split.strip().casefold()
+    listed = {subject for subject, subject_split in splits.items() if subject_split.casefold() == wanted}
+    if not listed:
+        found = ", ".join(sorted(set(splits.values()))) or "none"
+        raise DataError(meta, f"no subject is in split {split!r} (its splits: {found})")
+    cases = [case for case in dataset.cases if case.case_id in listed]
+    if not cases:
+        raise DataError(meta, f"none of the {len(listed)} subjects of split {split!r} has a folder in {dataset.root}")
+    return Dataset(dataset.root, dataset.layout, cases, dataset.label_names)
+
+
+def read_subject_splits(meta: Path) -> dict[str, str]:
+    """{image_id: split} from TotalSegmentator's meta.csv (semicolon-separated, with a byte-order mark)."""
+    if not meta.is_file():
+        raise DataError(meta, "is missing: --split picks subjects by the split column of this table")
+    try:
+        lines = [line for line in meta.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(meta, f"cannot read it ({error})") from error
+    if not lines:
+        raise DataError(meta, "is empty: --split needs its image_id and split columns")
+    delimiter = next((mark for mark in META_DELIMITERS if mark in lines[0]), ";")
+    try:
+        rows = list(csv.reader(lines, delimiter=delimiter))
+    except csv.Error as error:
+        raise DataError(meta, f"cannot parse it ({error})") from error
+    header = [name.strip().lower() for name in rows[0]]
+    for column in ("image_id", "split"):
+        if column not in header:
+            found = ", ".join(rows[0])
+            raise DataError(meta, f"has no {column} column (found: {found}); --split needs image_id and split")
+    subject_at, split_at = header.index("image_id"), header.index("split")
+    return {
+        row[subject_at].strip(): row[split_at].strip()
+        for row in rows[1:]
+        if len(row) > max(subject_at, split_at) and row[subject_at].strip()
+    }
+
+
 def read_folders(root: Path) -> Dataset:
     """images/ and labels/ holding NIfTI files with matching names."""
     images = nifti_files_by_case(root / "images")
@@ -180,10 +240,14 @@ def read_folders(root: Path) -> Dataset:
 
 
 def read_manifest(root: Path) -> Dataset:
-    """A TSV/CSV table of image and label paths, relative to the manifest's folder."""
+    """A TSV/CSV table (or the reference code's tab-separated .txt data list) of image and label paths.
+
+    Relative paths start from the folder `listed_paths_base` finds: the list's own for our manifests,
+    the reference checkout's root for its data_files/*.txt lists.
+    """
     manifest = root if root.is_file() else single_manifest(root)
-    if manifest.suffix.lower() not in MANIFEST_SUFFIXES:
-        raise DataError(manifest, "is a file but not a .tsv or .csv manifest")
+    if manifest.suffix.lower() not in DATA_LIST_SUFFIXES:
+        raise DataError(manifest, "is a file but not a .tsv, .csv or .txt data list")
     rows = read_table(manifest)
     columns = {name.strip().lower(): name for name in rows[0].keys()}
     image_column = first_present(columns, ("datapath", "image"))
@@ -194,25 +258,50 @@ def read_manifest(root: Path) -> Dataset:
             manifest,
             f"needs columns DataPath and LabelPath (or image and label); found {', '.join(rows[0].keys())}",
         )
-    cases = []
+    listed = []  # (row number, image, label, case id or "")
     for number, row in enumerate(rows, start=2):  # row 1 is the header
         image, label = ((row[column] or "").strip() for column in (image_column, label_column))
         if not image or not label:
             raise DataError(manifest, f"row {number} lacks an image or a label path")
-        image_path = manifest.parent / image
-        case_id = (row[case_column] or "").strip() if case_column else ""
+        listed.append((number, image, label, (row[case_column] or "").strip() if case_column else ""))
+    base = listed_paths_base(manifest, [(number, image) for number, image, _, _ in listed])
+    cases = []
+    for number, image, label, case_id in listed:
+        image_path = base / image
         case_id = case_id or nifti_case_id(image_path)
         if "/" in case_id or "\\" in case_id:
             raise DataError(manifest, f"case id {case_id!r} in row {number} contains a path separator")
-        cases.append(Case(case_id, image_path, manifest.parent / label))
+        cases.append(Case(case_id, image_path, base / label))
     require_unique_ids(cases, manifest)
     return Dataset(manifest, "manifest", cases, {})
+
+
+def listed_paths_base(manifest: Path, images: list[tuple[int, str]]) -> Path:
+    """The folder a data list's relative paths start from: its own, or the nearest above it that holds them.
+
+    The reference code opens its list's paths from the folder it runs in, its checkout's root, while the
+    list lies in data_files/ below it. The first folder, from the list's own upwards, in which any listed
+    image exists serves every row, so the answer depends on the files alone and every later command that
+    reads the list finds the same ones. A row missing there stays a case, which `hsort check` reports.
+    """
+    relative = [(number, image) for number, image in images if not Path(image).is_absolute()]
+    if not relative:
+        return manifest.parent
+    for folder in (manifest.parent, *manifest.parent.parents):
+        if any((folder / image).is_file() for _, image in relative):
+            return folder
+    number, image = relative[0]
+    raise DataError(
+        manifest,
+        f"image {image} (row {number}) is not found relative to {manifest.parent} or any folder above it, "
+        "and neither is any other image it lists; keep the list inside the folder tree that holds the data, or write absolute paths",
+    )
 
 
 def read_table(manifest: Path) -> list[dict[str, str]]:
     """Rows of a manifest; tab-separated when the header holds a tab, else comma-separated."""
     try:
-        lines = manifest.read_text().splitlines()
+        lines = manifest.read_text(encoding="utf-8-sig").splitlines()  # -sig: a byte-order mark is no header text
     except (OSError, UnicodeDecodeError) as error:
         raise DataError(manifest, f"cannot read the manifest ({error})") from error
     content = [line for line in lines if line.strip()]

@@ -1,8 +1,9 @@
 """A CPU-sized version of the paper's proof of concept: CT-like phantoms whose organ labels are
-clean for most cases and eroded or dilated for a few, as if from annotators with other habits.
+clean for most cases and wrong for a few (label_errors.py has the kinds of error), and optionally a
+subset annotated under another protocol (a style), as if from annotators with other habits.
 
 Each case's phantom comes from its own random stream, so the clean data of a seed does not depend
-on how many cases or how many perturbations are asked for.
+on how many cases, which kinds or how many perturbations are asked for.
 """
 
 import csv
@@ -13,28 +14,35 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import DataError
+from .label_errors import ERROR_KINDS, STYLES, Anatomy
 
 AIR_HU = -1000.0
 SOFT_TISSUE_HU = 40.0
 NOISE_HU = 12.0
 VOXEL_MM = 2.0
 MIN_SIZE = 16  # smaller phantoms cannot keep an organ through erosion
-CONNECTIVITY_1 = ndimage.generate_binary_structure(3, 1)
+DEFAULT_KINDS = ("eroded", "dilated")
+PERTURBATION_COLUMNS = ["case", "kind", "style", "severity", "parameters", "voxels_changed"]
+MAIN_STYLE = "main"
 
 
 def make_synthetic_dataset(
-    out: Path, cases: int = 60, size: int = 32, perturbed: float = 0.15, seed: int = 0
+    out: Path,
+    cases: int = 60,
+    size: int = 32,
+    perturbed: float = 0.15,
+    seed: int = 0,
+    kinds: tuple[str, ...] = DEFAULT_KINDS,
+    style: str | None = None,
+    style_fraction: float = 0.0,
 ) -> Path:
     """Write an nnU-Net raw dataset of `cases` phantoms of size³ voxels, and perturbations.csv.
 
-    `out` must be new or empty, so that no case of an earlier dataset mixes with these.
+    A `perturbed` share of the cases gets a label error, the kinds taken in turn; a `style_fraction`
+    of the others is annotated under the protocol `style` (label_errors.STYLES).  `out` must be new or
+    empty, so that no case of an earlier dataset mixes with these.
     """
-    if cases < 1:
-        raise ValueError(f"cases must be at least 1, got {cases}")
-    if size < MIN_SIZE:
-        raise ValueError(f"size must be at least {MIN_SIZE}, got {size}")
-    if not 0 <= perturbed <= 1:
-        raise ValueError(f"perturbed must be a fraction in [0, 1], got {perturbed}")
+    check_settings(cases, size, perturbed, kinds, style, style_fraction)
     out = Path(out)
     import nibabel as nib  # imported here: see volumes.py
 
@@ -43,34 +51,68 @@ def make_synthetic_dataset(
     (out / "imagesTr").mkdir(parents=True, exist_ok=True)
     (out / "labelsTr").mkdir(parents=True, exist_ok=True)
     plan_stream, *case_streams = np.random.SeedSequence(seed).spawn(cases + 1)
-    plan = perturbation_plan(cases, perturbed, np.random.default_rng(plan_stream))
+    plan = perturbation_plan(cases, perturbed, np.random.default_rng(plan_stream), kinds, style_fraction)
     rows = []
-    for index, ((kind, iterations), stream) in enumerate(zip(plan, case_streams)):
+    for index, ((kind, severity), stream) in enumerate(zip(plan, case_streams)):
         case_id = f"synth_{index:03d}"
         rng = np.random.default_rng(stream)
-        image, organ = phantom(size, rng)
-        label, iterations = perturb(organ, kind, iterations)
+        image, anatomy = phantom(size, rng)
         affine = lps_affine(rng)
+        # The error's own draws come from a child stream, so that the phantom never depends on them.
+        label, parameters = annotate(anatomy, kind, style, severity, np.random.default_rng(stream.spawn(1)[0]))
         nib.save(nib.Nifti1Image(image, affine), out / "imagesTr" / f"{case_id}_0000.nii.gz")
         nib.save(nib.Nifti1Image(label.astype(np.uint8), affine), out / "labelsTr" / f"{case_id}.nii.gz")
-        rows.append([case_id, kind, iterations, int(np.count_nonzero(label != organ))])
+        case_style = style if kind == "style" else MAIN_STYLE
+        case_kind = "clean" if kind == "style" else kind
+        changed = int(np.count_nonzero(label != anatomy.organ))
+        rows.append([case_id, case_kind, case_style, severity, json.dumps(parameters), changed])
     write_dataset_json(out, cases)
     with open(out / "perturbations.csv", "w", newline="") as file:
-        csv.writer(file).writerows([["case", "kind", "iterations", "voxels_changed"], *rows])
+        csv.writer(file).writerows([PERTURBATION_COLUMNS, *rows])
     return out
 
 
-def perturbation_plan(cases: int, perturbed: float, rng: np.random.Generator) -> list[tuple[str, int]]:
-    """(kind, iterations) per case: a `perturbed` share alternately eroded and dilated 1-3 times."""
+def check_settings(cases: int, size: int, perturbed: float, kinds: tuple[str, ...], style: str | None, style_fraction: float) -> None:
+    if cases < 1:
+        raise ValueError(f"cases must be at least 1, got {cases}")
+    if size < MIN_SIZE:
+        raise ValueError(f"size must be at least {MIN_SIZE}, got {size}")
+    if not 0 <= perturbed <= 1 or not 0 <= style_fraction <= 1 or perturbed + style_fraction > 1:
+        raise ValueError(f"perturbed ({perturbed}) and style_fraction ({style_fraction}) must be fractions that add up to 1 at most")
+    unknown = [kind for kind in kinds if kind not in ERROR_KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"unknown error kind(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(ERROR_KINDS)}")
+    if style_fraction > 0 and style not in STYLES:
+        raise ValueError(f"a style subset needs a style, one of {', '.join(STYLES)}; got {style!r}")
+
+
+def annotate(anatomy: Anatomy, kind: str, style: str | None, severity: int, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+    """The label a case's annotator drew: clean, with an error of `kind`, or in `style`."""
+    if kind == "clean":
+        return anatomy.organ, {}
+    if kind == "style":
+        return STYLES[style](anatomy), {"protocol": style}
+    return ERROR_KINDS[kind](anatomy, severity, rng)
+
+
+def perturbation_plan(
+    cases: int, perturbed: float, rng: np.random.Generator, kinds: tuple[str, ...] = DEFAULT_KINDS, style_fraction: float = 0.0
+) -> list[tuple[str, int]]:
+    """(kind, severity 1-3) per case: a `perturbed` share with the kinds in turn, then a `style_fraction`
+    of the rest as "style"; the others ("clean", 0) follow the main protocol."""
     plan = [("clean", 0)] * cases
     chosen = np.sort(rng.choice(cases, size=round(perturbed * cases), replace=False))
     for order, index in enumerate(chosen):
-        plan[index] = ("eroded" if order % 2 == 0 else "dilated", int(rng.integers(1, 4)))
+        plan[index] = (kinds[order % len(kinds)], int(rng.integers(1, 4)))
+    if style_fraction > 0:
+        unchosen = np.setdiff1d(np.arange(cases), chosen)
+        for index in rng.choice(unchosen, size=min(len(unchosen), round(style_fraction * cases)), replace=False):
+            plan[index] = ("style", 0)
     return plan
 
 
-def phantom(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """An int16 CT-like image and its organ mask.
+def phantom(size: int, rng: np.random.Generator) -> tuple[np.ndarray, Anatomy]:
+    """An int16 CT-like image and its anatomy: the organ mask, its neighbours, the body.
 
     A soft-tissue body in air holds an irregular organ (an ellipsoid whose radius follows smooth
     noise) with a smooth intensity gradient, and one or two unlabelled neighbours of similar
@@ -83,13 +125,14 @@ def phantom(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray
     organ = inside_ellipsoid(grid, organ_centre, organ_radii, wobble=0.25 * smooth_noise(size, rng))
     organ_hu = rng.uniform(90, 130)
     image = np.where(body, SOFT_TISSUE_HU, AIR_HU)
+    neighbours = []
     for _ in range(rng.integers(1, 3)):
-        neighbour = neighbour_of(grid, organ_centre, organ_radii, rng) & body
-        image[neighbour] = organ_hu + rng.choice([-1, 1]) * rng.uniform(15, 35)
+        neighbours.append(neighbour_of(grid, organ_centre, organ_radii, rng) & body)
+        image[neighbours[-1]] = organ_hu + rng.choice([-1, 1]) * rng.uniform(15, 35)
     gradient = rng.uniform(10, 25) * np.tensordot(unit_vector(rng), grid, axes=1)
     image[organ] = organ_hu + gradient[organ]
     image += rng.normal(0, NOISE_HU, image.shape)
-    return np.round(image).astype(np.int16), organ
+    return np.round(image).astype(np.int16), Anatomy(organ, [n & ~organ for n in neighbours], body)
 
 
 def neighbour_of(grid: np.ndarray, organ_centre: np.ndarray, organ_radii: np.ndarray, rng: np.random.Generator):
@@ -114,26 +157,6 @@ def smooth_noise(size: int, rng: np.random.Generator) -> np.ndarray:
 def unit_vector(rng: np.random.Generator) -> np.ndarray:
     vector = rng.normal(size=3)
     return vector / np.linalg.norm(vector)
-
-
-def perturb(organ: np.ndarray, kind: str, iterations: int) -> tuple[np.ndarray, int]:
-    """The organ label after the planned perturbation, and the iterations actually applied."""
-    if kind == "dilated":
-        return ndimage.binary_dilation(organ, CONNECTIVITY_1, iterations), iterations
-    if kind == "eroded":
-        return erode_keeping_organ(organ, iterations)
-    return organ, 0
-
-
-def erode_keeping_organ(organ: np.ndarray, iterations: int) -> tuple[np.ndarray, int]:
-    """Erode up to `iterations` times, stopping early rather than erase the organ."""
-    label = organ
-    for done in range(iterations):
-        eroded = ndimage.binary_erosion(label, CONNECTIVITY_1)
-        if not eroded.any():
-            return label, done
-        label = eroded
-    return label, iterations
 
 
 def lps_affine(rng: np.random.Generator) -> np.ndarray:

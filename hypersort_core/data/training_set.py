@@ -3,6 +3,7 @@
 import numpy as np
 import torch
 
+from .augment import Augmentation
 from .cache import PreparedCase, PreparedData
 from .preprocess import extract_window
 
@@ -12,14 +13,16 @@ FOREGROUND_PROBABILITY = 1 / 3  # share of random crops centred on a foreground 
 class TrainingSet(torch.utils.data.Dataset):
     """Item i is case i as {"case", "index", "image" [1, *roi] float32, "label" [*roi] int64}.
 
-    With random crops each draw takes a new ROI from the stored volume, using torch's random
-    generator so that seeding torch makes the crops reproducible.
+    With random crops each draw takes a new ROI from the stored volume, and with an augmentation
+    each draw is transformed anew, both using torch's random generator so that seeding torch makes
+    them reproducible.
     """
 
-    def __init__(self, prepared: PreparedData):
+    def __init__(self, prepared: PreparedData, augmentation: Augmentation | None = None):
         self.cases = prepared.cases
         self.roi = np.array(prepared.config.roi)
         self.random_crop = prepared.config.crop == "random"
+        self.augmentation = augmentation
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -30,12 +33,11 @@ class TrainingSet(torch.utils.data.Dataset):
         if self.random_crop:
             start = self.draw_roi_start(case, label.shape)
             image, label = extract_window(image, start, self.roi), extract_window(label, start, self.roi)
-        return {
-            "case": case.case_id,
-            "index": index,
-            "image": torch.from_numpy(np.array(image, dtype=np.float32))[None],
-            "label": torch.from_numpy(np.array(label, dtype=np.int64)),
-        }
+        image = torch.from_numpy(np.array(image, dtype=np.float32))[None]
+        label = torch.from_numpy(np.array(label, dtype=np.int64))
+        if self.augmentation is not None:
+            image, label = self.augmentation(image, label)
+        return {"case": case.case_id, "index": index, "image": image, "label": label}
 
     def draw_roi_start(self, case: PreparedCase, shape: tuple[int, ...]) -> np.ndarray:
         """A ROI around a random foreground voxel (1/3 of the draws), else anywhere in the volume."""

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 AFFINE_TOLERANCE = 1e-3  # relative; also in voxel sizes where an affine entry is near zero
 MAX_EXTENT_MM = 10_000  # no scan is 10 m wide: a header that says so has wrong voxel sizes
+VOXEL_MM_RANGE = (1e-3, 100.0)  # voxel sizes a scan can have (README: bad input); outside it, the header is wrong
 DEFLATE_MAX_RATIO = 1032  # deflate never expands data more than this (zlib's technical details)
 SHOWN_VALUES = 10
 
@@ -103,7 +104,8 @@ def open_aligned_label(
 
 
 def check_affine(affine: np.ndarray, shape: tuple[int, ...], path: Path) -> None:
-    """Reorienting and resampling need a finite voxel-to-world affine that keeps all three axes apart
+    """The one check of an image's geometry, for every command that reads images (fit, check, predict,
+    correct, evaluate), before any voxel is read.  Reorienting and resampling need a finite voxel-to-world affine that keeps all three axes apart
     and gives the volume a size a scan can have."""
     if not np.isfinite(affine).all():
         raise DataError(path, "affine (qform/sform) holds NaN or infinite values")
@@ -111,6 +113,9 @@ def check_affine(affine: np.ndarray, shape: tuple[int, ...], path: Path) -> None
     described = "x".join(f"{size:g}" for size in sizes)
     if np.linalg.matrix_rank(affine[:3, :3]) < 3:
         raise DataError(path, f"affine (qform/sform) is degenerate: voxel sizes {described} mm, or axes that coincide")
+    low, high = VOXEL_MM_RANGE
+    if sizes.min() < low or sizes.max() > high:
+        raise DataError(path, f"voxel sizes {described} mm lie outside {low:g}-{high:g} mm: the header's affine (qform/sform) is wrong")
     if (sizes * shape).max() > MAX_EXTENT_MM:
         raise DataError(path, f"voxel sizes {described} mm make the volume wider than {MAX_EXTENT_MM / 1000:g} m")
 
@@ -198,3 +203,22 @@ def one_line(error: Exception) -> str:
 def format_values(values) -> str:
     shown = ", ".join(f"{value:g}" for value in list(values)[:SHOWN_VALUES])
     return shown + (", ..." if len(values) > SHOWN_VALUES else "")
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(needed_bytes: float, path: Path, what: str) -> None:
+    """Refuse, before allocating, work that needs more memory than the machine has available."""
+    available = available_memory_bytes()
+    if available is not None and needed_bytes > available:
+        raise DataError(path, f"{what} would need {needed_bytes / 2**30:.3g} GiB of memory, more than the {available / 2**30:.3g} GiB available")

@@ -1,0 +1,64 @@
+"""bench/curation.py: the curation benchmark's metrics, and one tiny end-to-end run of it."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).parents[1] / "bench" / "curation.py"
+
+
+@pytest.fixture(scope="module")
+def curation():
+    spec = importlib.util.spec_from_file_location("curation", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_best_cluster_f1(curation):
+    subset = np.array([False, False, False, True, True, True])
+    assert curation.best_cluster_f1(np.array([0, 0, 0, 1, 1, 1]), subset) == 1.0
+    assert curation.best_cluster_f1(np.array([0, 0, 0, 0, 0, 0]), subset) == pytest.approx(2 * 3 / 9)
+    assert curation.best_cluster_f1(np.array([0, 0, 1, 1, 1, 2]), subset) == pytest.approx(2 * 2 / 6)
+
+
+def test_error_aurocs_compare_each_kind_with_the_clean_cases_of_the_main_style(curation):
+    result = {
+        "kind": ["clean", "clean", "clean", "eroded", "shift", "clean"],
+        "style": ["main", "main", "main", "main", "main", "neighbour"],
+        "cluster": [0, 0, 0, 1, 0, 1],
+        # the style case scores highest, yet it is no wrong label: it stays out of every AUROC
+        "scores": {"norm": [0.1, 0.2, 0.3, 0.5, 0.25, 0.9]},
+    }
+    metrics = curation.run_metrics(result)
+    assert metrics["norm"]["eroded"] == 1.0
+    assert metrics["norm"]["shift"] == pytest.approx(2 / 3)
+    assert metrics["norm"]["overall"] == pytest.approx((3 + 2) / 6)
+    assert metrics["norm"]["holes"] is None
+    assert metrics["style_f1"] == pytest.approx(2 * 1 / 3)
+
+
+@pytest.mark.slow
+def test_a_tiny_benchmark_writes_its_table_and_json(tmp_path):
+    command = [sys.executable, str(SCRIPT), "--cases", "24", "--seeds", "0", "--size", "16", "--epochs", "1", "--jobs", "1", "--out", str(tmp_path), "--tag", "tiny"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "tiny" / "results.json").read_text())
+    run = report["runs"][0]
+    assert set(run["scores"]) >= {"ranked", "norm", "mean_dist", "nll", "loss_lambda0", "training_loss", "test_dice"}
+    assert len(run["kind"]) == len(run["scores"]["norm"]) == 24
+    assert set(run["kind"]) - {"clean"} == set(report["datasets"]["kinds"])
+    assert 0 <= report["summary"]["style_f1_median"] <= 1
+    assert "style subset as one cluster" in done.stdout and "training_loss" in done.stdout
+    # a second variant of HyperSORT-only settings reuses the dataset and the baselines' scores
+    baselines = sorted((tmp_path / "baselines").iterdir())
+    stamps = [path.stat().st_mtime_ns for path in baselines]
+    again = subprocess.run([*command[:-1], "other", "--set", "l1=0.05"], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert sorted((tmp_path / "baselines").iterdir()) == baselines and [path.stat().st_mtime_ns for path in baselines] == stamps
+    assert json.loads((tmp_path / "other" / "results.json").read_text())["settings"] == {"l1": 0.05}
