@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 from cli_checks import assert_one_line_error
 from click.testing import CliRunner
-from dataset_writers import write_nifti, write_nnunet
+from dataset_writers import write_nifti, write_nnunet, write_totalsegmentator, write_totalsegmentator_meta
 from hypersort_core.cli.main import main
+
+from hypersort_core.run import load_run
 
 FAST = ["--preset", "small", "--roi", "8", "--base-channels", "2", "--convs-per-level", "1", "--epochs", "1", "--quiet"]
 
@@ -140,3 +142,20 @@ def test_resume_does_not_check_the_dataset_again(tmp_path, monkeypatch):
     result = run_fit(root, "--out", tmp_path / "run", "--resume", "--epochs", "2", "--quiet", "--no-analyze")
     assert result.exit_code == 0, result.output
     assert checked == []
+
+
+def test_fit_split_without_meta_csv_is_one_line(tmp_path):
+    data = write_totalsegmentator(tmp_path / "ts", n_cases=3)
+    result = CliRunner().invoke(main, ["fit", str(data), "--out", str(tmp_path / "run"), "--split", "train", "--label", "liver", *FAST])
+    assert_one_line_error(result, data / "meta.csv")
+
+
+def test_fit_split_trains_on_that_split_and_the_run_remembers_it(tmp_path):
+    data = write_totalsegmentator(tmp_path / "ts", n_cases=4)
+    write_totalsegmentator_meta(data, {"s0000": "train", "s0001": "val", "s0002": "train", "s0003": "test"})
+    run = tmp_path / "run"
+    result = CliRunner().invoke(main, ["fit", str(data), "--out", str(run), "--split", "train", "--label", "liver", "--no-analyze", *FAST])
+    assert result.exit_code == 0, result.output
+    recorded = json.loads((run / "config.json").read_text())
+    assert recorded["split"] == "train" and recorded["cases"] == ["s0000", "s0002"]
+    assert [case.case_id for case in load_run(run).prepared().cases] == ["s0000", "s0002"]
