@@ -180,20 +180,27 @@ def _synth(tmp_path: Path) -> Path:
 # 3. Signals ----------------------------------------------------------------------------------------------
 
 
-def test_a_second_signal_during_the_stop_is_ignored_until_the_checkpoint_is_saved(dataset, tmp_path):
-    run = tmp_path / "run"
+def signalled_fit(dataset, run, *signals: signal.Signals) -> tuple[int, str]:
+    """A long `hsort fit`, sent `signals` at once after its first epoch: its exit code and stderr."""
     process = subprocess.Popen(command("fit", dataset, "--out", run, *TINY_FIT, "--epochs", 500, "--checkpoint-every", 1000),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: len(logged_epochs(run)) >= 1 or process.poll() is not None)
-        process.send_signal(signal.SIGTERM)
-        process.send_signal(signal.SIGINT)  # at once: both arrive before the stop is done (the kernel picks their order)
+        for number in signals:
+            process.send_signal(number)
         _, stderr = process.communicate(timeout=120)
     finally:
         process.kill()
+    return process.returncode, stderr
+
+
+def test_a_second_signal_during_the_stop_is_ignored_until_the_checkpoint_is_saved(dataset, tmp_path):
+    run = tmp_path / "run"
+    # both arrive before the stop is done (the kernel picks their order)
+    returncode, stderr = signalled_fit(dataset, run, signal.SIGTERM, signal.SIGINT)
     first = next(number for number in (signal.SIGINT, signal.SIGTERM) if f"hsort: {number.name}: stopping after this step" in stderr)
     second = ({signal.SIGINT, signal.SIGTERM} - {first}).pop()
-    assert process.returncode == 128 + first, stderr  # 130 or 143
+    assert returncode == 128 + first, stderr  # 130 or 143
     assert "Traceback" not in stderr and "Aborted" not in stderr
     assert f"{second.name} ignored" in stderr
     assert load_checkpoint(run / "checkpoint.pt")["state"]["epoch"] >= 1
@@ -201,15 +208,8 @@ def test_a_second_signal_during_the_stop_is_ignored_until_the_checkpoint_is_save
 
 def test_sigterm_during_training_exits_143_with_a_checkpoint(dataset, tmp_path):
     run = tmp_path / "run"
-    process = subprocess.Popen(command("fit", dataset, "--out", run, *TINY_FIT, "--epochs", 500, "--checkpoint-every", 1000),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: len(logged_epochs(run)) >= 1 or process.poll() is not None)
-        process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=120)
-    finally:
-        process.kill()
-    assert process.returncode == 143, stderr
+    returncode, stderr = signalled_fit(dataset, run, signal.SIGTERM)
+    assert returncode == 143, stderr
     assert load_checkpoint(run / "checkpoint.pt")["state"]["epoch"] >= 1
 
 
