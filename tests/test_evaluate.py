@@ -3,6 +3,7 @@ reference labels, with the plain-UNet baselines and a test set."""
 import csv
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -15,7 +16,7 @@ from sklearn.metrics import roc_auc_score
 
 from hypersort_core.baselines import scored_roi
 from hypersort_core.data import make_synthetic_dataset
-from hypersort_core.evaluate import fit_styles
+from hypersort_core.evaluate import fit_styles, perturbation_summary
 from hypersort_core.latents import latent_scores, read_latents_csv
 from hypersort_core.main_style import main_style_fit, prepared_training_cases
 from hypersort_core.run import load_run
@@ -189,3 +190,22 @@ def test_bad_reference_is_one_line_and_exit_code_2(run, synthetic_dataset, tmp_p
     assert message in result.stderr and result.stderr.count("\n") == 1
     assert not (run / "evaluation.json").exists()
 
+
+
+def test_perturbation_summary_per_kind_without_erosion_or_dilation_warns_of_nothing(tmp_path):
+    """A dataset of other error kinds and a second style: per-kind AUROCs, style cases on neither side,
+    and no direction cosine (it compares eroded with dilated) instead of numpy's 'Mean of empty slice'."""
+    data = make_synthetic_dataset(tmp_path / "data", cases=12, size=16, perturbed=0.25, seed=0, kinds=("shift", "holes"), style="coarse", style_fraction=0.25)
+    with open(data / "perturbations.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    case_ids = [row["case"] for row in rows]
+    wrong = np.array([row["kind"] != "clean" for row in rows])
+    other_style = np.array([row["style"] != "main" for row in rows])
+    score = wrong * 2.0 + other_style * 5.0  # the style cases score highest, yet are no wrong labels
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        summary = perturbation_summary(case_ids, np.zeros((12, 2)), {"score": score}, data / "perturbations.csv")
+    assert summary.auroc == {"score": 1.0}
+    assert summary.auroc_by_kind == {"score": {"holes": 1.0, "shift": 1.0}}
+    assert summary.direction_cosine is None
+    assert summary.counts == {"clean": 6, "holes": 1, "shift": 2, "style coarse": 3}

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -24,7 +25,7 @@ from tiny_runs import tiny_config
 import hypersort_core.checkpoint
 import hypersort_core.train
 from hypersort_core.checkpoint import load_checkpoint
-from hypersort_core.data import DataError
+from hypersort_core.data import DataError, PreprocessConfig, TrainingSet, prepare_cases, read_dataset, select_labels
 from hypersort_core.data.cache import DamagedArray, load_array, output_file_name, safe_file_stem
 from hypersort_core.faults import describe_os_error, os_error_of
 from hypersort_core.train import RunFolderGone, fit
@@ -133,6 +134,19 @@ def test_a_truncated_cache_file_is_refused_before_it_is_mapped(tmp_path):
     with pytest.raises(DamagedArray) as error:
         load_array(path)
     assert "allow_pickle" not in str(error.value)
+
+
+def test_random_crops_refuse_a_truncated_foreground_file_before_mapping_it(dataset, tmp_path, cache_dir):
+    """Random crops read each case's foreground voxels: a truncated file is a damaged case, never a bus error."""
+    source = read_dataset(dataset)
+    prepared = prepare_cases(source, select_labels(source, None), PreprocessConfig(roi=(16, 16, 16), crop="random"), cache_dir, progress=False)
+    case = prepared.cases[0]
+    truncate(case.foreground_file)
+    training_set = TrainingSet(replace(prepared, cases=[case]))
+    torch.manual_seed(0)
+    with pytest.raises(DamagedArray, match="truncated"):
+        for _ in range(20):  # a third of the draws read the foreground file
+            training_set[0]
 
 
 def test_a_cache_entry_truncated_between_runs_is_prepared_again_by_analyze_and_by_fit(dataset, tmp_path, cache_dir):

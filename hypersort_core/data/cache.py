@@ -66,6 +66,9 @@ class PreparedCase:
     def load_label(self) -> np.ndarray:
         return load_array(self.label_file)
 
+    def load_foreground(self) -> np.ndarray:
+        return load_array(self.foreground_file)
+
     def files(self) -> list[Path]:
         return [path for path in (self.image_file, self.label_file, self.foreground_file) if path is not None]
 

@@ -42,7 +42,7 @@ class TrainingSet(torch.utils.data.Dataset):
     def draw_roi_start(self, case: PreparedCase, shape: tuple[int, ...]) -> np.ndarray:
         """A ROI around a random foreground voxel (1/3 of the draws), else anywhere in the volume."""
         room = np.array(shape) - self.roi
-        foreground = np.load(case.foreground_file, mmap_mode="r")
+        foreground = case.load_foreground()
         if len(foreground) and torch.rand(()) < FOREGROUND_PROBABILITY:
             voxel = np.unravel_index(int(foreground[torch.randint(len(foreground), ()).item()]), shape)
             return np.clip(np.array(voxel) - self.roi // 2, 0, room)
