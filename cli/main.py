@@ -44,7 +44,10 @@ def synth(out: Path, cases: int, size: int, perturbed: float, kinds: tuple[str, 
 
     if style_fraction > 0 and style is None:
         raise click.BadParameter("--style-fraction needs a --style", param_hint="--style")
-    path = make_synthetic_dataset(out, cases=cases, size=size, perturbed=perturbed, seed=seed, kinds=kinds, style=style, style_fraction=style_fraction)
+    try:
+        path = make_synthetic_dataset(out, cases=cases, size=size, perturbed=perturbed, seed=seed, kinds=kinds, style=style, style_fraction=style_fraction)
+    except ValueError as error:  # settings that cannot make a dataset together
+        raise click.UsageError(str(error)) from None
     click.echo(f"wrote {cases} cases to {path} (ground truth of the perturbations: {path / 'perturbations.csv'})")
 
 

@@ -159,3 +159,15 @@ def test_fit_split_trains_on_that_split_and_the_run_remembers_it(tmp_path):
     recorded = json.loads((run / "config.json").read_text())
     assert recorded["split"] == "train" and recorded["cases"] == ["s0000", "s0002"]
     assert [case.case_id for case in load_run(run).prepared().cases] == ["s0000", "s0002"]
+
+
+@pytest.mark.parametrize("options", [
+    ["--kinds", "eroded,smudged"],
+    ["--style-fraction", "0.2"],
+    ["--perturbed", "0.9", "--style", "coarse", "--style-fraction", "0.3"],
+])
+def test_synth_settings_that_cannot_make_a_dataset_are_one_line(tmp_path, options):
+    result = CliRunner().invoke(main, ["synth", str(tmp_path / "out"), "--cases", "4", "--size", "16", *options])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "Error:" in result.output
+    assert not (tmp_path / "out").exists()
