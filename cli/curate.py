@@ -28,3 +28,33 @@ def curate(run_dir: Path, out: Path, review_csv: Path | None, copy: bool, overwr
     left_out = len(curation.cases) - curation.kept
     click.echo(f"wrote {curation.kept} cases to {curation.out} ({replaced} labels replaced by a prediction, {left_out} cases left out); "
                f"what was done to each: {curation.out / CURATION_NAME}")
+
+
+@click.command()
+@RUN_ARGUMENT
+@click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True, help="Port on 127.0.0.1 (0: any free one).")
+@click.option("--no-browser", is_flag=True, help="Print the address instead of opening it.")
+@click.option("--reviewer", default=None, help="Name recorded with each decision  [default: your user name]")
+@DEVICE_OPTION
+@reports_bad_input
+def review(run_dir: Path, port: int, no_browser: bool, reviewer: str | None, device: str) -> None:
+    """Open a local page (127.0.0.1 only) to go through RUN's cases worst first and record a decision for each in
+    RUN/review.csv: wrong (use a style's prediction, or exclude), hard but correct, or fine. Ctrl-C stops it."""
+    import getpass
+    import webbrowser
+
+    from hypersort_core.review import ReviewSession, page_url, serve
+    from hypersort_core.run import load_run
+
+    session = ReviewSession(load_run(run_dir, device), reviewer if reviewer is not None else getpass.getuser())
+    server = serve(session, port)
+    url = page_url(server, session)
+    click.echo(f"reviewing {run_dir} at {url}\ndecisions go to {session.review_file}; Ctrl-C stops the server")
+    if not no_browser:
+        webbrowser.open(url)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        click.echo("stopped; apply the decisions with: hsort curate " f"{run_dir} --out NEW_DATASET")
+    finally:
+        server.server_close()

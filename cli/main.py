@@ -221,11 +221,11 @@ def _register_commands() -> None:
     """The commands that work on a finished run live in their own modules."""
     from hypersort_core.cli.analyze import analyze
     from hypersort_core.cli.check import check
-    from hypersort_core.cli.curate import curate
+    from hypersort_core.cli.curate import curate, review
     from hypersort_core.cli.evaluate import evaluate
     from hypersort_core.cli.predict import correct, export, import_reference, predict
 
-    for command in (check, analyze, predict, correct, export, import_reference, evaluate, curate):
+    for command in (check, analyze, predict, correct, export, import_reference, evaluate, review, curate):
         main.add_command(command)
 
 
