@@ -372,7 +372,7 @@ REVIEW_BODY = """
 <button data-decision="fine"><kbd>4</kbd> fine</button>
 <button id="previous"><kbd>p</kbd> previous</button><button id="next"><kbd>n</kbd> next</button></p>
 <textarea id="note" placeholder="note (saved with the decision)"></textarea>
-<p class="meta">decision: <b id="decision">none</b> <span id="status"></span><br>
+<p class="meta">decision: <b id="decision">none</b> (a note edited later is saved with it) <span id="status"></span><br>
 scroll a view (or drag its slider) to move through its slices; <kbd>1</kbd>–<kbd>4</kbd> decide, <kbd>n</kbd>/<kbd>p</kbd> next/previous case</p>
 </div>
 <h3>Latent map</h3>
@@ -542,9 +542,9 @@ REVIEW_SCRIPT = """
     }
   }
 
-  async function decide(decision) {
+  async function decide(decision, style = $("style").value) {
     const id = state.current;
-    const body = {case: id, decision, style: decision === "use_prediction" ? $("style").value : "", note: $("note").value, reviewer: state.data.reviewer};
+    const body = {case: id, decision, style: decision === "use_prediction" ? style : "", note: $("note").value, reviewer: state.data.reviewer};
     const response = await fetch("/api/decision", {method: "POST", headers: {"Content-Type": "application/json", "X-Review-Token": token}, body: JSON.stringify(body)});
     const answer = await response.json();
     if (!response.ok) { $("status").textContent = `not saved: ${answer.error}`; return; }
@@ -599,9 +599,14 @@ REVIEW_SCRIPT = """
     $("decide-style").textContent = $("style").value;
     $("order").value = data.columns.some((c) => c.name === "loss_lambda0") ? "loss_lambda0" : (data.columns[0] || {}).name;
     for (const id of ["order", "cluster", "undecided-only"]) $(id).addEventListener("change", refreshOrder);
+    for (const select of document.querySelectorAll("select")) select.addEventListener("change", () => select.blur());  // keys decide again
     $("style").addEventListener("change", () => { $("decide-style").textContent = $("style").value; for (const plane of PLANES) load(plane); });
     for (const id of ["window", "show-label", "show-prediction"]) $(id).addEventListener("change", redrawAll);
     for (const button of document.querySelectorAll("#decide button[data-decision]")) button.addEventListener("click", () => decide(button.dataset.decision));
+    $("note").addEventListener("change", () => {  // a note edited after the decision is saved with it
+      const decided = state.data.decisions[state.current];
+      if (decided) decide(decided.decision, decided.style);
+    });
     $("next").addEventListener("click", () => move(1));
     $("previous").addEventListener("click", () => move(-1));
     document.addEventListener("keydown", (event) => {
