@@ -447,3 +447,95 @@ MAP_SCRIPT = """
   openFromHash();
 })();
 """
+
+SLICE_VIEWER_SCRIPT = """
+(() => {
+  "use strict";
+  // Three planes of a volume, each scrollable through every slice (wheel or slider), with the given label's and a
+  // prediction's outlines. `load(plane, index)` resolves to a slice: {index, rows, columns, pixel: [width, height]
+  // in mm, pixels, labels, predicted} (rows upwards); the review page fetches slices, report.html cuts them from
+  // volumes embedded in it.
+  const PLANES = ["axial", "coronal", "sagittal"], AXIS = {axial: 2, coronal: 1, sagittal: 0};
+  const COLOURS = {label: [230, 184, 0], prediction: [0, 168, 224]};
+
+  function element(tag, className, id) {
+    const made = document.createElement(tag);
+    if (className) made.className = className;
+    if (id) made.id = id;
+    return made;
+  }
+
+  class SliceViewer {
+    constructor(container, shape, load, options = {}) {
+      this.shape = shape;
+      this.load = load;
+      this.options = {window: [0, 255], label: true, prediction: true, scale: 2.5, prefix: "", names: PLANES, ...options};
+      this.index = {};
+      this.slices = {};
+      this.tickets = {};
+      this.parts = {};
+      container.replaceChildren();
+      for (const [k, plane] of PLANES.entries()) {
+        const prefix = this.options.prefix, box = element("div", "view", `${prefix}view-${plane}`);
+        const caption = element("span", "caption", `${prefix}caption-${plane}`), canvas = element("canvas", "", `${prefix}canvas-${plane}`);
+        const slider = element("input", "", `${prefix}slider-${plane}`);
+        slider.type = "range";
+        slider.min = 0;
+        slider.max = shape[AXIS[plane]] - 1;
+        slider.addEventListener("input", () => this.go(plane, Number(slider.value)));
+        canvas.addEventListener("wheel", (event) => { event.preventDefault(); this.go(plane, this.index[plane] + (event.deltaY > 0 ? 1 : -1)); }, {passive: false});
+        box.append(caption, canvas, slider);
+        container.append(box);
+        this.parts[plane] = {caption, canvas, slider, name: this.options.names[k]};
+        this.index[plane] = Math.floor(shape[AXIS[plane]] / 2);
+      }
+      this.reload();
+    }
+
+    reload() { for (const plane of PLANES) this.go(plane, this.index[plane]); }
+
+    redraw() { for (const plane of PLANES) this.draw(plane); }
+
+    async go(plane, index) {
+      this.index[plane] = Math.min(this.shape[AXIS[plane]] - 1, Math.max(0, index));
+      const ticket = (this.tickets[plane] || 0) + 1;
+      this.tickets[plane] = ticket;
+      const slice = await this.load(plane, this.index[plane]);
+      if (this.tickets[plane] !== ticket) return;  // a newer slice was asked for meanwhile
+      this.slices[plane] = slice;
+      this.draw(plane);
+    }
+
+    draw(plane) {
+      const slice = this.slices[plane], part = this.parts[plane];
+      if (!slice) return;
+      const {rows, columns} = slice, canvas = part.canvas, scale = this.options.scale;
+      canvas.width = columns;
+      canvas.height = rows;
+      canvas.style.width = `${columns * slice.pixel[0] * scale}px`;
+      canvas.style.height = `${rows * slice.pixel[1] * scale}px`;
+      const context = canvas.getContext("2d"), picture = context.createImageData(columns, rows);
+      const [low, high] = this.options.window, span = Math.max(high - low, 1e-6);
+      for (let i = 0; i < rows * columns; i++) {
+        const grey = Math.max(0, Math.min(255, (255 * (slice.pixels[i] - low)) / span));
+        picture.data.set([grey, grey, grey, 255], 4 * i);
+      }
+      const outlines = [[this.options.label, slice.labels, COLOURS.label], [this.options.prediction, slice.predicted, COLOURS.prediction]];
+      for (const [shown, mask, colour] of outlines) {
+        if (!shown) continue;
+        for (let r = 0; r < rows; r++) for (let c = 0; c < columns; c++) {
+          const i = r * columns + c;
+          if (!mask[i]) continue;
+          const edge = r === 0 || c === 0 || r === rows - 1 || c === columns - 1 || !mask[i - 1] || !mask[i + 1] || !mask[i - columns] || !mask[i + columns];
+          if (edge) picture.data.set([...colour, 255], 4 * i);
+        }
+      }
+      context.putImageData(picture, 0, 0);
+      part.slider.value = slice.index;
+      part.caption.textContent = `${part.name} ${slice.index + 1} / ${this.shape[AXIS[plane]]}`;
+    }
+  }
+
+  window.SliceViewer = SliceViewer;
+})();
+"""

@@ -35,7 +35,7 @@ from hypersort_core.data.volumes import read_case, voxel_sizes
 from hypersort_core.decisions import DECISIONS, MAIN_STYLE, REVIEW_NAME, Decision, new_decision, read_decisions, record_decision
 from hypersort_core.latents import map_plane
 from hypersort_core.predict import latent_probabilities, segment
-from hypersort_core.report import script_hash
+from hypersort_core.report import SLICE_VIEWER_SCRIPT, script_hash
 from hypersort_core.run import Run
 from hypersort_core.styles import cluster_latents
 
@@ -312,7 +312,7 @@ def page_url(server: ThreadingHTTPServer, session: ReviewSession) -> str:
 
 
 def page_policy() -> str:
-    return f"default-src 'none'; connect-src 'self'; img-src data:; style-src 'unsafe-inline'; script-src '{script_hash(REVIEW_SCRIPT)}'; base-uri 'none'; form-action 'none'"
+    return f"default-src 'none'; connect-src 'self'; img-src data:; style-src 'unsafe-inline'; script-src '{script_hash(SLICE_VIEWER_SCRIPT)}' '{script_hash(REVIEW_SCRIPT)}'; base-uri 'none'; form-action 'none'"
 
 
 def review_page(run_name: str) -> str:
@@ -321,7 +321,7 @@ def review_page(run_name: str) -> str:
     return (
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><meta name="referrer" content="no-referrer">'
         f"<title>review · {escape(run_name)}</title><style>{REVIEW_STYLE}</style></head>\n"
-        f"<body>{REVIEW_BODY}<script>{REVIEW_SCRIPT}</script></body></html>\n"
+        f"<body>{REVIEW_BODY}<script>{SLICE_VIEWER_SCRIPT}</script><script>{REVIEW_SCRIPT}</script></body></html>\n"
     )
 
 
@@ -385,9 +385,7 @@ REVIEW_SCRIPT = """
   "use strict";
   const $ = (id) => document.getElementById(id);
   const token = new URLSearchParams(location.search).get("token") || "";
-  const PLANES = ["axial", "coronal", "sagittal"], AXIS = {axial: 2, coronal: 1, sagittal: 0};
-  const SCALE = 2.5, COLOURS = {label: [230, 184, 0], prediction: [0, 168, 224]};
-  const state = {data: null, order: [], current: null, info: null, index: {}, slices: {}, requests: {}};
+  const state = {data: null, order: [], current: null, info: null, viewer: null};
 
   async function api(path, params) {
     const query = new URLSearchParams({...params, token});
@@ -437,7 +435,6 @@ REVIEW_SCRIPT = """
   async function show(id) {
     if (!id) return;
     state.current = id;
-    state.slices = {};
     const c = caseOf(id);
     $("case-title").textContent = id;
     $("case-meta").textContent = `cluster ${c.cluster} · ` + Object.entries(c.scores).map(([k, v]) => `${k} ${v.toPrecision(3)}`).join(" · ") + (c.label ? ` · ${c.label}` : "");
@@ -447,90 +444,21 @@ REVIEW_SCRIPT = """
     const info = await api("/api/case", {case: id});
     if (state.current !== id) return;
     state.info = info;
-    buildViews();
-    for (const plane of PLANES) {
-      state.index[plane] = Math.floor(info.shape[AXIS[plane]] / 2);
-      load(plane);
-    }
+    state.viewer = new SliceViewer($("views"), info.shape, sliceLoader(id), viewOptions());
   }
 
-  function buildViews() {
-    const views = $("views");
-    views.replaceChildren();
-    for (const plane of PLANES) {
-      const box = document.createElement("div");
-      box.className = "view";
-      box.id = `view-${plane}`;
-      const caption = document.createElement("span");
-      caption.id = `caption-${plane}`;
-      const canvas = document.createElement("canvas");
-      canvas.id = `canvas-${plane}`;
-      const slider = document.createElement("input");
-      slider.type = "range";
-      slider.min = 0;
-      slider.max = state.info.shape[AXIS[plane]] - 1;
-      slider.id = `slider-${plane}`;
-      slider.addEventListener("input", () => { state.index[plane] = Number(slider.value); load(plane); });
-      canvas.addEventListener("wheel", (event) => { event.preventDefault(); step(plane, event.deltaY > 0 ? 1 : -1); }, {passive: false});
-      box.append(caption, canvas, slider);
-      views.append(box);
-    }
+  function sliceLoader(id) {
+    return async (plane, index) => {
+      const slice = await api("/api/slice", {case: id, plane, index, style: $("style").value});
+      return {...slice, pixels: decode(slice.image, Float32Array), labels: decode(slice.label, Uint8Array), predicted: decode(slice.prediction, Uint8Array)};
+    };
   }
 
-  function step(plane, by) {
-    const last = state.info.shape[AXIS[plane]] - 1;
-    state.index[plane] = Math.min(last, Math.max(0, state.index[plane] + by));
-    load(plane);
-  }
-
-  async function load(plane) {
-    const id = state.current, index = state.index[plane], style = $("style").value;
-    const ticket = (state.requests[plane] || 0) + 1;
-    state.requests[plane] = ticket;
-    const slice = await api("/api/slice", {case: id, plane, index, style});
-    if (state.current !== id || state.requests[plane] !== ticket) return;  // a newer request supersedes this one
-    slice.pixels = decode(slice.image, Float32Array);
-    slice.labels = decode(slice.label, Uint8Array);
-    slice.predicted = decode(slice.prediction, Uint8Array);
-    state.slices[plane] = slice;
-    draw(plane);
-  }
-
-  function windowRange() {
+  function viewOptions() {
     const chosen = $("window").value;
-    if (chosen === "auto") return state.info.window;
-    const [width, level] = chosen.split(",").map(Number);
-    return [level - width / 2, level + width / 2];
-  }
-
-  function draw(plane) {
-    const slice = state.slices[plane];
-    if (!slice) return;
-    const canvas = $(`canvas-${plane}`), rows = slice.rows, columns = slice.columns;
-    canvas.width = columns;
-    canvas.height = rows;
-    canvas.style.width = `${columns * slice.pixel[0] * SCALE}px`;
-    canvas.style.height = `${rows * slice.pixel[1] * SCALE}px`;
-    const context = canvas.getContext("2d"), picture = context.createImageData(columns, rows);
-    const [low, high] = windowRange(), span = Math.max(high - low, 1e-6);
-    const outlines = [];
-    if ($("show-label").checked) outlines.push([slice.labels, COLOURS.label]);
-    if ($("show-prediction").checked) outlines.push([slice.predicted, COLOURS.prediction]);
-    for (let i = 0; i < rows * columns; i++) {
-      const grey = Math.max(0, Math.min(255, (255 * (slice.pixels[i] - low)) / span));
-      picture.data.set([grey, grey, grey, 255], 4 * i);
-    }
-    for (const [mask, colour] of outlines) {
-      for (let r = 0; r < rows; r++) for (let c = 0; c < columns; c++) {
-        const i = r * columns + c;
-        if (!mask[i]) continue;
-        const edge = r === 0 || c === 0 || r === rows - 1 || c === columns - 1 || !mask[i - 1] || !mask[i + 1] || !mask[i - columns] || !mask[i + columns];
-        if (edge) picture.data.set([...colour, 255], 4 * i);
-      }
-    }
-    context.putImageData(picture, 0, 0);
-    $(`slider-${plane}`).value = slice.index;
-    $(`caption-${plane}`).textContent = `${plane} ${slice.index + 1} / ${state.info.shape[AXIS[plane]]}`;
+    const [width, level] = chosen === "auto" ? [] : chosen.split(",").map(Number);
+    const range = chosen === "auto" ? state.info.window : [level - width / 2, level + width / 2];
+    return {window: range, label: $("show-label").checked, prediction: $("show-prediction").checked};
   }
 
   function showDecision() {
@@ -588,7 +516,11 @@ REVIEW_SCRIPT = """
     svg.append(...current);  // drawn last: on top
   }
 
-  function redrawAll() { for (const plane of PLANES) draw(plane); }
+  function redrawAll() {
+    if (!state.viewer) return;
+    Object.assign(state.viewer.options, viewOptions());
+    state.viewer.redraw();
+  }
 
   async function start() {
     const data = await api("/api/cases", {});
@@ -600,7 +532,7 @@ REVIEW_SCRIPT = """
     $("order").value = data.columns.some((c) => c.name === "loss_lambda0") ? "loss_lambda0" : (data.columns[0] || {}).name;
     for (const id of ["order", "cluster", "undecided-only"]) $(id).addEventListener("change", refreshOrder);
     for (const select of document.querySelectorAll("select")) select.addEventListener("change", () => select.blur());  // keys decide again
-    $("style").addEventListener("change", () => { $("decide-style").textContent = $("style").value; for (const plane of PLANES) load(plane); });
+    $("style").addEventListener("change", () => { $("decide-style").textContent = $("style").value; if (state.viewer) state.viewer.reload(); });
     for (const id of ["window", "show-label", "show-prediction"]) $(id).addEventListener("change", redrawAll);
     for (const button of document.querySelectorAll("#decide button[data-decision]")) button.addEventListener("click", () => decide(button.dataset.decision));
     $("note").addEventListener("change", () => {  // a note edited after the decision is saved with it
