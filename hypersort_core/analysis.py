@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -56,7 +56,7 @@ from hypersort_core.data.volumes import voxel_sizes
 from hypersort_core.evaluate import CLUSTERS_NAME
 from hypersort_core.latents import latent_scores, write_latents_csv
 from hypersort_core.main_style import main_style, main_style_fit, prepared_training_cases
-from hypersort_core.report import case_picture, plot_cluster_map, write_pages
+from hypersort_core.report import case_picture, case_view, plot_cluster_map, write_pages
 from hypersort_core.run import Run, load_run
 
 METHODS = ("gmm", "kmeans")
@@ -114,6 +114,7 @@ class Analysis:
     dice: np.ndarray  # [N] given label vs λ = 0 prediction
     pictures: list[bytes | None]  # [N] PNG: slices with the given label's and the λ = 0 prediction's contours (None: not drawn)
     gallery: int  # cases shown in report.html, worst first
+    views: dict[int, dict] = field(default_factory=dict)  # the gallery's cases as volumes, for report.html's slice viewer
 
     @cached_property
     def columns(self) -> dict[str, np.ndarray]:
@@ -173,7 +174,8 @@ def analyze_run(
         gallery=gallery,
     )
     drawn = analysis.ranking[: max(pictures, gallery)]
-    for index, picture in zip(drawn, draw_cases(run, prepared, drawn, progress)):
+    drawings, analysis.views = draw_cases(run, prepared, drawn, progress, viewed=set(analysis.ranking[:gallery].tolist()))
+    for index, picture in zip(drawn, drawings):
         analysis.pictures[index] = picture
     write_analysis(analysis)
     return analysis
@@ -269,16 +271,19 @@ def numbered(method: str, members: np.ndarray, centroids: np.ndarray, main: int,
 # Each case against the main style
 
 
-def draw_cases(run: Run, prepared: dict[str, PreparedCase], indices: np.ndarray, progress: bool = False) -> list[bytes]:
-    """A PNG per case (indices) of slices with the given label's and the λ = 0 prediction's contours."""
+def draw_cases(run: Run, prepared: dict[str, PreparedCase], indices: np.ndarray, progress: bool = False, viewed: set[int] = frozenset()) -> tuple[list[bytes], dict[int, dict]]:
+    """A PNG per case (indices) of slices with the given label's and the λ = 0 prediction's contours; for the
+    `viewed` cases also the volumes report.html's slice viewer scrolls through."""
     plane_names = ("axial", "coronal", "sagittal") if run.config.preprocess.reorient else ("x–y", "x–z", "y–z")
-    pictures = []
+    pictures, views = [], {}
     for index in tqdm(indices, desc="pictures", unit="case", disable=not progress):
         case = prepared[run.case_ids[index]]
         image, label = scored_roi(case, run.config.preprocess)
         prediction = run.segment(image, main_style(run))
         pictures.append(case_picture(image, label, prediction, voxel_sizes(case.affine), plane_names))
-    return pictures
+        if index in viewed:
+            views[int(index)] = case_view(image, label, prediction, voxel_sizes(case.affine), plane_names)
+    return pictures, views
 
 
 def label_files(run: Run) -> list[str]:

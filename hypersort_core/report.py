@@ -17,6 +17,7 @@ import hashlib
 import html
 import io
 import json
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import quote
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 LABEL_COLOUR = "#ffcc00"
 PREDICTION_COLOUR = "#00c8ff"
 PICTURE_DPI = 90
+MAX_VIEW_SIDE = 96  # voxels a side of a volume embedded for the slice viewer (about 0.3 MB a case before deflating)
 
 
 def cluster_colour(cluster: int) -> str:
@@ -77,6 +79,21 @@ def case_picture(image: np.ndarray, label: np.ndarray, prediction: np.ndarray, s
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=PICTURE_DPI, bbox_inches="tight")
     return buffer.getvalue()
+
+
+def case_view(image: np.ndarray, label: np.ndarray, prediction: np.ndarray, spacing: np.ndarray, plane_names: tuple[str, str, str]) -> dict:
+    """A case as report.html's slice viewer scrolls through it: the image in the pictures' window as bytes, the
+    given label (bit 0) and the prediction (bit 1) as one byte a voxel, every `step`-th voxel so that no side
+    exceeds MAX_VIEW_SIDE; deflated (the page inflates with the browser's DecompressionStream) and base64."""
+    foregrounds = (np.asarray(label) > 0, np.asarray(prediction) > 0)
+    low, high = np.percentile(np.asarray(image, dtype=np.float32)[around_foreground(*foregrounds)], (1, 99))
+    step = max(1, -(-max(np.shape(image)) // MAX_VIEW_SIDE))
+    sampled = (slice(None, None, step),) * 3
+    grey = np.clip((np.asarray(image, dtype=np.float32)[sampled] - low) / max(high - low, 1e-6) * 255, 0, 255).astype(np.uint8)
+    masks = (foregrounds[0][sampled] | (foregrounds[1][sampled] << 1)).astype(np.uint8)
+    packed = (base64.b64encode(zlib.compress(np.ascontiguousarray(array).tobytes(), 6)).decode("ascii") for array in (grey, masks))
+    return {"shape": list(grey.shape), "spacing": [float(size * step) for size in spacing], "names": [drawable(name) for name in plane_names],
+            "image": next(packed), "masks": next(packed)}
 
 
 def image_slice(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
@@ -135,12 +152,15 @@ def report_page(analysis: Analysis) -> str:
         f"<h2>Latent map</h2>{map_section(analysis)}"
         f"<h2>Styles</h2>{styles_table(analysis)}"
         f"<h2>Worst first: the {len(flagged)} most suspicious cases</h2>"
-        f'<div class="gallery">{"".join(gallery_figure(analysis, i, rank) for rank, i in enumerate(flagged, start=1))}</div>',
+        f'<div class="gallery">{"".join(gallery_figure(analysis, i, rank) for rank, i in enumerate(flagged, start=1))}</div>'
+        f'<script type="application/json" id="view-data">{script_json({str(i): view for i, view in analysis.views.items()})}</script>'
+        f"<script>{SLICE_VIEWER_SCRIPT}</script><script>{GALLERY_SCRIPT}</script>",
     )
 
 
 def page(title: str, body: str) -> str:
-    policy = f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src '{script_hash(MAP_SCRIPT)}'"
+    scripts = " ".join(f"'{script_hash(script)}'" for script in (MAP_SCRIPT, SLICE_VIEWER_SCRIPT, GALLERY_SCRIPT))
+    policy = f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src {scripts}"
     return (
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
         f'<meta http-equiv="Content-Security-Policy" content="{policy}">'
@@ -219,8 +239,15 @@ def gallery_figure(analysis: Analysis, i: int, rank: int) -> str:
         f"{escape(analysis.describe('dice_lambda0'))} {analysis.dice[i]:.3f} · "
         f'<a href="#case={escape(quote(case_id, safe=""))}">show on the map</a><div>{scores}</div>'
         f'<div class="file">{escape(analysis.label_files[i])}</div></figcaption>'
-        f'<img src="{data_uri(analysis.pictures[i])}" alt="slices of {escape(case_id)}"></figure>'
+        f'<img src="{data_uri(analysis.pictures[i])}" alt="slices of {escape(case_id)}">{viewer_controls(analysis, i)}</figure>'
     )
+
+
+def viewer_controls(analysis: Analysis, i: int) -> str:
+    """A button that swaps the picture for the slice viewer, where the case's volumes are embedded."""
+    if i not in analysis.views:
+        return ""
+    return f'<button class="open-viewer" data-view="{i}">scroll through every slice</button><div class="viewer" id="viewer-{i}"></div>'
 
 
 def escape(text) -> str:
@@ -263,6 +290,8 @@ table.styles td:first-child{text-align:left;white-space:nowrap}
 .gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(520px,1fr));gap:1em}
 .gallery figure{margin:0;border:1px solid #ddd;padding:.5em}.gallery img{width:100%}.gallery b{word-break:break-all}
 .rank{color:#d62728;font-weight:bold}
+.viewer{display:flex;gap:.6em;flex-wrap:wrap}.viewer .view{display:flex;flex-direction:column;font-size:12px}
+.viewer canvas{background:#000;image-rendering:pixelated;cursor:ns-resize}
 """
 
 MAP_SCRIPT = """
@@ -537,5 +566,48 @@ SLICE_VIEWER_SCRIPT = """
   }
 
   window.SliceViewer = SliceViewer;
+})();
+"""
+
+GALLERY_SCRIPT = """
+(() => {
+  "use strict";
+  // report.html's gallery: a case's embedded volumes, inflated on first use, cut into the slices SliceViewer draws.
+  const views = JSON.parse(document.getElementById("view-data").textContent);
+  const AXIS = {axial: 2, coronal: 1, sagittal: 0};
+
+  async function inflate(text) {
+    const bytes = Uint8Array.from(atob(text), (c) => c.charCodeAt(0));
+    const stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("deflate"));
+    return new Uint8Array(await new Response(stream).arrayBuffer());
+  }
+
+  function cutter(view, image, masks) {
+    const [nx, ny, nz] = view.shape, strides = [ny * nz, nz, 1];
+    return async (plane, index) => {
+      const fixed = AXIS[plane], [across, up] = [0, 1, 2].filter((axis) => axis !== fixed);
+      const columns = view.shape[across], rows = view.shape[up], size = rows * columns;
+      const pixels = new Uint8Array(size), labels = new Uint8Array(size), predicted = new Uint8Array(size);
+      for (let r = 0; r < rows; r++) for (let c = 0; c < columns; c++) {  // rows upwards, as the pictures and the review page
+        const at = index * strides[fixed] + c * strides[across] + (rows - 1 - r) * strides[up];
+        const i = r * columns + c;
+        pixels[i] = image[at];
+        labels[i] = masks[at] & 1;
+        predicted[i] = masks[at] & 2;
+      }
+      return {index, rows, columns, pixel: [view.spacing[across], view.spacing[up]], pixels, labels, predicted};
+    };
+  }
+
+  for (const button of document.querySelectorAll("button.open-viewer")) {
+    button.addEventListener("click", async () => {
+      const view = views[button.dataset.view], figure = button.closest("figure");
+      const [image, masks] = await Promise.all([inflate(view.image), inflate(view.masks)]);
+      button.hidden = true;
+      figure.querySelector("img").hidden = true;
+      new SliceViewer(document.getElementById(`viewer-${button.dataset.view}`), view.shape, cutter(view, image, masks),
+                      {prefix: `v${button.dataset.view}-`, names: view.names, scale: 2});
+    });
+  }
 })();
 """

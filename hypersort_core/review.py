@@ -35,7 +35,7 @@ from hypersort_core.data.volumes import read_case, voxel_sizes
 from hypersort_core.decisions import DECISIONS, MAIN_STYLE, REVIEW_NAME, Decision, new_decision, read_decisions, record_decision
 from hypersort_core.latents import map_plane
 from hypersort_core.predict import latent_probabilities, segment
-from hypersort_core.report import SLICE_VIEWER_SCRIPT, script_hash
+from hypersort_core.report import SLICE_VIEWER_SCRIPT, around_foreground, script_hash
 from hypersort_core.run import Run
 from hypersort_core.styles import cluster_latents
 
@@ -59,7 +59,7 @@ class CaseVolumes:
     orientation: np.ndarray  # nibabel's ornt from the original grid to RAS
     affine: np.ndarray
     original: np.ndarray  # the image on its original grid (what a style segments)
-    window: tuple[float, float]  # 1st and 99th percentile: the "auto" window
+    window: tuple[float, float]  # 1st and 99th percentile around the label: the "auto" window
     predictions: dict[str, np.ndarray]
 
 
@@ -168,9 +168,9 @@ def read_volumes(case: Case, selection, declared_values) -> CaseVolumes:
     volume = read_case(case, selection, declared_values)
     orientation = orientations.io_orientation(volume.affine)
     spacing = voxel_sizes(volume.affine)[orientation[:, 0].astype(int).argsort()]
-    image = to_ras(volume.image, orientation)
-    low, high = np.percentile(image, (1, 99))
-    return CaseVolumes(image, to_ras(volume.label, orientation), spacing, orientation, volume.affine, volume.image, (float(low), float(high)), {})
+    image, label = to_ras(volume.image, orientation), to_ras(volume.label, orientation)
+    low, high = np.percentile(image[around_foreground(label > 0, label > 0)], (1, 99))  # as report.html's pictures
+    return CaseVolumes(image, label, spacing, orientation, volume.affine, volume.image, (float(low), float(high)), {})
 
 
 def to_ras(volume: np.ndarray, orientation: np.ndarray) -> np.ndarray:
@@ -180,10 +180,10 @@ def to_ras(volume: np.ndarray, orientation: np.ndarray) -> np.ndarray:
 
 
 def display_slice(volume: np.ndarray, axis: int, index: int, step: int) -> np.ndarray:
-    """The plane `index` across `axis`, every `step`-th voxel, as rows (the higher remaining axis, upwards)
-    by columns (the lower one, right to left: the radiological convention)."""
+    """The plane `index` across `axis`, every `step`-th voxel, as rows (the higher remaining axis, upwards) by
+    columns (the lower one, left to right): as report.html's pictures draw it."""
     section = np.take(volume, index, axis=axis)[::step, ::step]
-    return np.ascontiguousarray(section.T[::-1, ::-1])
+    return np.ascontiguousarray(section.T[::-1])
 
 
 def encoded(array: np.ndarray) -> str:
@@ -332,6 +332,7 @@ body{font:14px/1.4 system-ui,sans-serif;color:#222;margin:0;display:flex;height:
 #cases li{padding:2px 4px;cursor:pointer;border-radius:3px;word-break:break-all;font-size:13px}
 #cases li.current{background:#ffe7a0}#cases li .d{float:right;font-size:11px;color:#666}
 #main{flex:1;overflow:auto;padding:.5em 1em}
+#row{display:flex;gap:1.5em;flex-wrap:wrap;align-items:flex-start}#map-box{margin:0}#map{border:1px solid #ccc}
 #views{display:flex;gap:.8em;flex-wrap:wrap;align-items:flex-start}
 .view{display:flex;flex-direction:column;gap:.2em}.view canvas{background:#000;image-rendering:pixelated;cursor:ns-resize}
 .view input{width:100%}
@@ -357,14 +358,16 @@ REVIEW_BODY = """
 <div id="tools">
 <label>prediction of <select id="style"></select></label>
 <label>window <select id="window">
-<option value="auto">auto (1–99 %)</option><option value="400,40">soft tissue (W 400, L 40)</option>
+<option value="auto">auto (1–99 % around the label)</option><option value="400,40">soft tissue (W 400, L 40)</option>
 <option value="150,30">liver (W 150, L 30)</option><option value="1500,-600">lung (W 1500, L −600)</option>
 <option value="1800,400">bone (W 1800, L 400)</option><option value="350,50">mediastinum (W 350, L 50)</option></select></label>
 <label><input type="checkbox" id="show-label" checked> label</label>
 <label><input type="checkbox" id="show-prediction" checked> prediction</label>
 <span id="legend"><span style="color:#e6b800">■ given label</span><span style="color:#00a8e0">■ prediction</span></span>
 </div>
-<div id="views"></div>
+<div id="row"><div id="views"></div>
+<figure id="map-box"><svg id="map" width="320" height="260" viewBox="0 0 360 300" role="img" aria-label="latent map"></svg>
+<figcaption class="meta">latent map: this case ringed red, + λ = 0; click a point to open its case</figcaption></figure></div>
 <div id="decide">
 <p><button data-decision="use_prediction"><kbd>1</kbd> wrong: use prediction (<span id="decide-style"></span>)</button>
 <button data-decision="exclude"><kbd>2</kbd> wrong: exclude</button>
@@ -375,8 +378,6 @@ REVIEW_BODY = """
 <p class="meta">decision: <b id="decision">none</b> (a note edited later is saved with it) <span id="status"></span><br>
 scroll a view (or drag its slider) to move through its slices; <kbd>1</kbd>–<kbd>4</kbd> decide, <kbd>n</kbd>/<kbd>p</kbd> next/previous case</p>
 </div>
-<h3>Latent map</h3>
-<svg id="map" width="360" height="300" viewBox="0 0 360 300" role="img" aria-label="latent map"></svg>
 </main>
 """
 

@@ -68,15 +68,15 @@ def hostile(tmp_path_factory) -> Analysis:
     return analysis_of(HOSTILE_IDS, tmp_path_factory.mktemp("report") / "run <b>")
 
 
-@pytest.mark.parametrize("render", [latent_map_page, report_page])
-def test_case_ids_and_file_names_reach_the_page_only_escaped(hostile, render):
+@pytest.mark.parametrize("render, scripts", [(latent_map_page, 2), (report_page, 5)])
+def test_case_ids_and_file_names_reach_the_page_only_escaped(hostile, render, scripts):
     page = render(hostile)
 
     for case in HOSTILE_IDS[:3]:
         assert case not in page
         assert f"/data/labels/{case}" not in page
     assert "run <b>" not in page and "data <&>" not in page
-    assert page.count("</script>") == 2  # the JSON's and the map's own
+    assert page.count("</script>") == scripts  # the map's JSON and its own; report.html: the views' JSON, the slice viewer and the gallery's
     data = embedded_data(page)
     assert [case["id"] for case in data["cases"]] == HOSTILE_IDS
     assert [case["label"] for case in data["cases"]] == hostile.label_files

@@ -150,3 +150,34 @@ def test_two_tabs_keep_each_others_decisions(review_page):
     assert {case: d.decision for case, d in read_decisions(run_dir / "review.csv").items()} == {order[0]: "fine", order[1]: "exclude"}
     sync_api.expect(other.locator("#progress")).to_have_text(f"2 of {len(order)} cases decided")  # the answer carries both tabs' decisions
     assert problems == []
+
+
+def test_report_html_scrolls_through_every_slice_of_its_gallery_cases(trained_run, tmp_path):
+    run_dir = shutil.copytree(trained_run, tmp_path / "run")
+    analysis = analyze_run(run_dir, progress=False, gallery=2)
+    worst = int(analysis.ranking[0])
+    assert set(analysis.views) == set(analysis.ranking[:2].tolist())  # the gallery's cases, no others
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        problems = []
+        page.on("console", lambda message: problems.append(message.text) if message.type in ("error", "warning") else None)
+        page.on("pageerror", lambda error: problems.append(str(error)))
+        page.goto((run_dir / "report.html").as_uri())
+
+        page.locator(f'button[data-view="{worst}"]').click()
+        caption = page.locator(f"#v{worst}-caption-axial")
+        sync_api.expect(caption).to_have_text("axial 9 / 16")
+        canvas = page.locator(f"#v{worst}-canvas-axial")
+        before = canvas.evaluate("canvas => canvas.toDataURL()")
+        canvas.hover()
+        for _ in range(3):
+            page.mouse.wheel(0, -100)
+        sync_api.expect(caption).to_have_text("axial 6 / 16")
+        assert canvas.evaluate("canvas => canvas.toDataURL()") != before
+        page.locator(f"#v{worst}-slider-coronal").fill("0")
+        sync_api.expect(page.locator(f"#v{worst}-caption-coronal")).to_have_text("coronal 1 / 16")
+        assert page.locator(f'figure:has(button[data-view="{worst}"]) img').is_hidden()
+        browser.close()
+    assert problems == []  # the page's own scripts only (CSP), nothing blocked, no error
