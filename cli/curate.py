@@ -43,6 +43,7 @@ def review(run_dir: Path, port: int, no_browser: bool, reviewer: str | None, dev
     import getpass
     import webbrowser
 
+    from hypersort_core.faults import Terminated
     from hypersort_core.review import ReviewSession, page_url, serve
     from hypersort_core.run import load_run
 
@@ -54,7 +55,9 @@ def review(run_dir: Path, port: int, no_browser: bool, reviewer: str | None, dev
         webbrowser.open(url)
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
-        click.echo("stopped; apply the decisions with: hsort curate " f"{run_dir} --out NEW_DATASET")
+    except KeyboardInterrupt as stop:
+        if isinstance(stop, Terminated):  # SIGTERM keeps its exit code (143)
+            raise
+        click.echo(f"stopped; apply the decisions with: hsort curate {run_dir} --out NEW_DATASET")
     finally:
         server.server_close()

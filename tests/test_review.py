@@ -2,9 +2,15 @@
 import csv
 import http.client
 import json
+import os
+import re
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 from cli_checks import assert_one_line_error
@@ -165,3 +171,21 @@ def test_a_run_without_a_ranking_is_one_line(trained_run, tmp_path):
     (run_dir / "ranking.csv").unlink(missing_ok=True)
     result = CliRunner().invoke(review, [str(run_dir), "--no-browser", "--device", "cpu"])
     assert_one_line_error(result, run_dir / "ranking.csv")
+
+
+def test_hsort_review_serves_until_ctrl_c(analysed_run):
+    """The command itself: it prints the address with its token, serves the page there, and Ctrl-C ends it cleanly."""
+    hsort = Path(sys.executable).with_name("hsort")
+    process = subprocess.Popen([str(hsort), "review", str(analysed_run), "--no-browser", "--device", "cpu"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        address = re.search(r"http://127\.0\.0\.1:(\d+)/\?token=(\S+)", process.stdout.readline())
+        assert address is not None
+        connection = http.client.HTTPConnection("127.0.0.1", int(address.group(1)), timeout=60)
+        connection.request("GET", f"/?token={address.group(2)}")
+        assert connection.getresponse().status == 200
+    finally:
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert "hsort curate" in out and "Traceback" not in err
