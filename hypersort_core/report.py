@@ -498,7 +498,8 @@ SLICE_VIEWER_SCRIPT = """
     constructor(container, shape, load, options = {}) {
       this.shape = shape;
       this.load = load;
-      this.options = {window: [0, 255], label: true, prediction: true, scale: 2.5, prefix: "", names: PLANES, ...options};
+      // size: screen pixels of the volume's longest side (in mm: extent), the same scale in all three planes
+      this.options = {window: [0, 255], label: true, prediction: true, size: 300, extent: Math.max(...shape), prefix: "", names: PLANES, ...options};
       this.index = {};
       this.slices = {};
       this.tickets = {};
@@ -538,7 +539,7 @@ SLICE_VIEWER_SCRIPT = """
     draw(plane) {
       const slice = this.slices[plane], part = this.parts[plane];
       if (!slice) return;
-      const {rows, columns} = slice, canvas = part.canvas, scale = this.options.scale;
+      const {rows, columns} = slice, canvas = part.canvas, scale = this.options.size / this.options.extent;
       canvas.width = columns;
       canvas.height = rows;
       canvas.style.width = `${columns * slice.pixel[0] * scale}px`;
@@ -606,7 +607,7 @@ GALLERY_SCRIPT = """
       button.hidden = true;
       figure.querySelector("img").hidden = true;
       new SliceViewer(document.getElementById(`viewer-${button.dataset.view}`), view.shape, cutter(view, image, masks),
-                      {prefix: `v${button.dataset.view}-`, names: view.names, scale: 2});
+                      {prefix: `v${button.dataset.view}-`, names: view.names, size: 160, extent: Math.max(...view.shape.map((side, axis) => side * view.spacing[axis]))});
     });
   }
 })();

@@ -41,6 +41,7 @@ from hypersort_core.styles import cluster_latents
 
 LOOPBACK = "127.0.0.1"
 MAX_SLICE_SIDE = 256  # voxels a side of a slice sent to the page
+WINDOW_MARGIN = 6  # voxels around the label whose grey values set the "auto" window
 CACHED_CASES = 4
 TOKEN_HEADER = "X-Review-Token"
 PLANES = {"axial": 2, "coronal": 1, "sagittal": 0}  # plane -> the RAS axis it is fixed across
@@ -169,7 +170,7 @@ def read_volumes(case: Case, selection, declared_values) -> CaseVolumes:
     orientation = orientations.io_orientation(volume.affine)
     spacing = voxel_sizes(volume.affine)[orientation[:, 0].astype(int).argsort()]
     image, label = to_ras(volume.image, orientation), to_ras(volume.label, orientation)
-    low, high = np.percentile(image[around_foreground(label > 0, label > 0)], (1, 99))  # as report.html's pictures
+    low, high = np.percentile(image[around_foreground(label > 0, label > 0, WINDOW_MARGIN)], (1, 99))  # the organ and what surrounds it
     return CaseVolumes(image, label, spacing, orientation, volume.affine, volume.image, (float(low), float(high)), {})
 
 
@@ -332,8 +333,8 @@ body{font:14px/1.4 system-ui,sans-serif;color:#222;margin:0;display:flex;height:
 #cases li{padding:2px 4px;cursor:pointer;border-radius:3px;word-break:break-all;font-size:13px}
 #cases li.current{background:#ffe7a0}#cases li .d{float:right;font-size:11px;color:#666}
 #main{flex:1;overflow:auto;padding:.5em 1em}
-#row{display:flex;gap:1.5em;flex-wrap:wrap;align-items:flex-start}#map-box{margin:0}#map{border:1px solid #ccc}
-#views{display:flex;gap:.8em;flex-wrap:wrap;align-items:flex-start}
+#row{display:flex;gap:1.5em;flex-wrap:wrap;align-items:flex-start}#map-box{margin:0;width:300px}#map{border:1px solid #ccc}
+#views{display:flex;gap:.8em;flex-wrap:wrap;align-items:flex-start;flex:0 1 auto}
 .view{display:flex;flex-direction:column;gap:.2em}.view canvas{background:#000;image-rendering:pixelated;cursor:ns-resize}
 .view input{width:100%}
 #tools label{margin-right:1em}#legend span{margin-right:1em}
@@ -365,9 +366,6 @@ REVIEW_BODY = """
 <label><input type="checkbox" id="show-prediction" checked> prediction</label>
 <span id="legend"><span style="color:#e6b800">■ given label</span><span style="color:#00a8e0">■ prediction</span></span>
 </div>
-<div id="row"><div id="views"></div>
-<figure id="map-box"><svg id="map" width="320" height="260" viewBox="0 0 360 300" role="img" aria-label="latent map"></svg>
-<figcaption class="meta">latent map: this case ringed red, + λ = 0; click a point to open its case</figcaption></figure></div>
 <div id="decide">
 <p><button data-decision="use_prediction"><kbd>1</kbd> wrong: use prediction (<span id="decide-style"></span>)</button>
 <button data-decision="exclude"><kbd>2</kbd> wrong: exclude</button>
@@ -378,6 +376,9 @@ REVIEW_BODY = """
 <p class="meta">decision: <b id="decision">none</b> (a note edited later is saved with it) <span id="status"></span><br>
 scroll a view (or drag its slider) to move through its slices; <kbd>1</kbd>–<kbd>4</kbd> decide, <kbd>n</kbd>/<kbd>p</kbd> next/previous case</p>
 </div>
+<div id="row"><div id="views"></div>
+<figure id="map-box"><svg id="map" width="300" height="250" viewBox="0 0 360 300" role="img" aria-label="latent map"></svg>
+<figcaption class="meta">latent map: this case ringed red, + λ = 0; click a point to open its case</figcaption></figure></div>
 </main>
 """
 
@@ -459,7 +460,8 @@ REVIEW_SCRIPT = """
     const chosen = $("window").value;
     const [width, level] = chosen === "auto" ? [] : chosen.split(",").map(Number);
     const range = chosen === "auto" ? state.info.window : [level - width / 2, level + width / 2];
-    return {window: range, label: $("show-label").checked, prediction: $("show-prediction").checked};
+    const extent = Math.max(...state.info.shape.map((side, axis) => side * state.info.spacing[axis]));
+    return {window: range, label: $("show-label").checked, prediction: $("show-prediction").checked, extent, size: 240};
   }
 
   function showDecision() {
@@ -499,7 +501,7 @@ REVIEW_SCRIPT = """
     const origin = document.createElementNS(SVG, "path");
     origin.setAttribute("d", `M${px(0) - 6},${py(0)}h12M${px(0)},${py(0) - 6}v12`);
     origin.setAttribute("stroke", "#d62728");
-    svg.append(origin);
+    origin.setAttribute("stroke-width", "2");
     const current = [];
     for (const c of cases) {
       const point = document.createElementNS(SVG, "circle");
@@ -514,7 +516,7 @@ REVIEW_SCRIPT = """
       point.addEventListener("click", () => show(c.id));
       if (c.id === state.current) { point.classList.add("current"); current.push(point); } else svg.append(point);
     }
-    svg.append(...current);  // drawn last: on top
+    svg.append(origin, ...current);  // drawn last: on top
   }
 
   function redrawAll() {
