@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from cli_checks import assert_one_line_error
 from click.testing import CliRunner
+from dataset_writers import phantom, write_case, write_msd, write_nnunet
 from hypersort_core.cli.curate import curate
 from tiny_runs import tiny_config
 
@@ -162,3 +163,52 @@ def test_a_bad_review_file_is_one_line_naming_it(styled_run, tmp_path, rows, hea
 
 def test_no_review_file_is_one_line_naming_where_it_was_looked_for(styled_run, tmp_path):
     assert_one_line_error(run_curate(styled_run, "--out", tmp_path / "curated"), styled_run / "review.csv")
+
+
+def trained_on(data, run_dir, **overrides):
+    return fit(data, run_dir, tiny_config(**overrides), progress=False).run_dir
+
+
+def test_a_decathlon_or_plain_folder_dataset_becomes_an_nnunet_one(tmp_path):
+    msd = write_msd(tmp_path / "msd")
+    run_dir = trained_on(msd, tmp_path / "msd_run")
+    review = write_review(tmp_path / "review.csv", [("organ_001", "exclude", ""), ("organ_002", "use_prediction", "lambda0")])
+    assert run_curate(run_dir, "--out", tmp_path / "from_msd", "--review", review).exit_code == 0
+    meta = json.loads((tmp_path / "from_msd" / "dataset.json").read_text())
+    assert meta["labels"] == {"background": 0, "organ": 1} and meta["channel_names"] == {"0": "CT"} and "training" not in meta
+    assert sorted(path.name for path in (tmp_path / "from_msd" / "imagesTr").iterdir()) == ["organ_000_0000.nii.gz", "organ_002_0000.nii.gz"]
+    assert check_dataset(tmp_path / "from_msd").errors == []
+
+    folders = tmp_path / "folders"
+    for index in range(3):
+        write_case(folders, *phantom(index, values=(3,)), case_id=f"scan{index}")
+    run_dir = trained_on(folders, tmp_path / "folders_run")
+    review = write_review(tmp_path / "review.csv", [("scan0", "use_prediction", "lambda0")])
+    assert run_curate(run_dir, "--out", tmp_path / "from_folders", "--review", review).exit_code == 0
+    meta = json.loads((tmp_path / "from_folders" / "dataset.json").read_text())
+    assert meta["labels"] == {"background": 0, "label_3": 3} and meta["channel_names"] == {"0": "image"}
+    replaced = np.asarray(nib.load(tmp_path / "from_folders" / "labelsTr" / "scan0.nii.gz").dataobj)
+    assert set(np.unique(replaced)) <= {0, 3}  # the prediction in the label's own value
+    assert check_dataset(tmp_path / "from_folders").errors == []
+
+
+def test_a_run_of_some_labels_replaces_only_those(tmp_path):
+    data = write_nnunet(tmp_path / "data", labels={"liver": 1, "spleen": 2})
+    review = write_review(tmp_path / "review.csv", [("case_000", "use_prediction", "lambda0")])
+
+    run_dir = trained_on(data, tmp_path / "liver_run", label="liver")
+    assert run_curate(run_dir, "--out", tmp_path / "curated", "--review", review).exit_code == 0
+    given = np.asarray(nib.load(data / "labelsTr" / "case_000.nii.gz").dataobj)
+    replaced = np.asarray(nib.load(tmp_path / "curated" / "labelsTr" / "case_000.nii.gz").dataobj)
+    run = load_run(run_dir)
+    image = nib.load(data / "imagesTr" / "case_000_0000.nii.gz")
+    prediction = segment(image.get_fdata(dtype=np.float32), image.affine, latent_probabilities(run, np.zeros(2, np.float32)), run.config.preprocess)
+    np.testing.assert_array_equal(replaced[prediction == 1], 1)
+    np.testing.assert_array_equal(replaced[(prediction == 0) & (given == 2)], 2)  # the spleen, which the run did not learn, stays
+    np.testing.assert_array_equal(replaced[(prediction == 0) & (given != 2)], 0)
+
+    binary = trained_on(data, tmp_path / "binary_run")  # all foreground as one class: which value would a voxel take?
+    result = run_curate(binary, "--out", tmp_path / "binary", "--review", review)
+    assert_one_line_error(result, data / "labelsTr" / "case_000.nii.gz")
+    assert "train with --label" in result.stderr
+    assert not (tmp_path / "binary").exists() and not list(tmp_path.glob(".binary*"))
