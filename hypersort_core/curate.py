@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import glob
 import gzip
 import io
 import json
@@ -42,6 +43,7 @@ ENDING = ".nii.gz"
 CURATION_COLUMNS = ("case", "decision", "style", "label_source", "voxels_changed", "source_label")
 UNDECIDED = "undecided"
 NOT_IN_RUN = "not_in_run"  # a case of the dataset the run left out as bad
+BUILDING, PREVIOUS = ".curating-", ".previous-"  # hidden folders beside --out: .{name}.curating-{pid}
 DEFAULT_CHANNEL = {"0": "image"}  # layouts without dataset.json say nothing of the modality; nnU-Net then z-scores
 
 
@@ -80,8 +82,8 @@ def curate_dataset(run: Run, out: Path, review: Path | None = None, copy: bool =
     decisions = read_decisions(review, run.case_ids)
     selection = select_labels(dataset, run.config.label)
     styles = style_probabilities(run, decisions, review)
-    building = out.parent / f".{out.name}.curating-{os.getpid()}"
-    shutil.rmtree(building, ignore_errors=True)
+    remove_abandoned_folders(out)
+    building = out.parent / f".{out.name}{BUILDING}{os.getpid()}"
     try:
         cases = write_cases(run, dataset, selection, decisions, styles, building, copy, progress)
         write_dataset_json(dataset, building, sum(case.label_source != "left out" for case in cases))
@@ -229,9 +231,28 @@ def write_curation_csv(path: Path, cases: list[Curated]) -> None:
     atomic_write_text(path, buffer.getvalue())
 
 
+def remove_abandoned_folders(out: Path) -> None:
+    """The hidden folders beside `out` of curate runs that a kill ended (their process is gone)."""
+    for marker in (BUILDING, PREVIOUS):
+        for folder in out.parent.glob(f".{glob.escape(out.name)}{marker}*"):
+            pid = folder.name.rpartition("-")[2]
+            if pid.isdigit() and not process_exists(int(pid)):
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
 def move_into_place(building: Path, out: Path) -> None:
     """Rename the finished dataset to `out`; a previous one (checked by check_destination) is removed after."""
-    previous = out.parent / f".{out.name}.previous-{os.getpid()}"
+    previous = out.parent / f".{out.name}{PREVIOUS}{os.getpid()}"
     if out.exists():
         os.replace(out, previous)
     os.replace(building, out)

@@ -3,6 +3,11 @@ import csv
 import hashlib
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -212,3 +217,23 @@ def test_a_run_of_some_labels_replaces_only_those(tmp_path):
     assert_one_line_error(result, data / "labelsTr" / "case_000.nii.gz")
     assert "train with --label" in result.stderr
     assert not (tmp_path / "binary").exists() and not list(tmp_path.glob(".binary*"))
+
+
+def test_a_kill_leaves_no_dataset_and_the_next_curate_cleans_up(styled_run, tmp_path):
+    review = write_review(tmp_path / "review.csv", [(f"synth_00{index}", "use_prediction", "lambda0") for index in range(7)])
+    out = tmp_path / "curated"
+    hsort = Path(sys.executable).with_name("hsort")
+    process = subprocess.Popen([str(hsort), "curate", str(styled_run), "--out", str(out), "--review", str(review), "--quiet", "--device", "cpu"])
+    deadline = time.monotonic() + 240
+    while not list(tmp_path.glob(".curated.curating-*/labelsTr/*.nii.gz")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if process.poll() is not None:
+        pytest.skip("curate finished before it could be killed")  # the machine was faster than the poll
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+
+    assert not out.exists()  # no half dataset where the user looks
+    assert list(tmp_path.glob(".curated.curating-*"))
+    assert run_curate(styled_run, "--out", out, "--review", review).exit_code == 0
+    assert not list(tmp_path.glob(".curated*"))
+    assert len(list((out / "labelsTr").iterdir())) == 7
