@@ -196,7 +196,7 @@ def encoded(array: np.ndarray) -> str:
 
 
 class ReviewHandler(BaseHTTPRequestHandler):
-    """GET / (the page), /api/cases, /api/case, /api/slice; POST /api/decision. Nothing else exists."""
+    """GET / (the page), /api/cases, /api/decisions, /api/case, /api/slice; POST /api/decision. Nothing else exists."""
 
     session: ReviewSession  # set on the subclass `serve` makes
     server_version = "hsort-review"
@@ -207,7 +207,7 @@ class ReviewHandler(BaseHTTPRequestHandler):
         query = {key: values[-1] for key, values in parse_qs(url.query).items()}
         if not self.trusted(query.get("token")):
             return
-        routes = {"/": self.send_page, "/api/cases": self.send_cases, "/api/case": self.send_case, "/api/slice": self.send_slice}
+        routes = {"/": self.send_page, "/api/cases": self.send_cases, "/api/decisions": self.send_decisions, "/api/case": self.send_case, "/api/slice": self.send_slice}
         route = routes.get(url.path)
         if route is None:
             return self.refuse(HTTPStatus.NOT_FOUND, "no such page")
@@ -255,6 +255,9 @@ class ReviewHandler(BaseHTTPRequestHandler):
 
     def send_cases(self, query: dict) -> None:
         self.send_json(self.session.case_list())
+
+    def send_decisions(self, query: dict) -> None:
+        self.send_json({"decisions": self.session.decisions()})
 
     def send_case(self, query: dict) -> None:
         self.send_json(self.session.case_info(query["case"]))
@@ -467,7 +470,7 @@ REVIEW_SCRIPT = """
   function showDecision() {
     const decision = state.data.decisions[state.current];
     $("decision").textContent = decision ? state.data.decisionNames[decision.decision] + (decision.style ? ` (${decision.style})` : "") : "none";
-    $("note").value = decision ? decision.note : "";
+    if (document.activeElement !== $("note")) $("note").value = decision ? decision.note : "";  // never under the curator's typing
     for (const button of document.querySelectorAll("#decide button[data-decision]")) {
       button.classList.toggle("chosen", Boolean(decision) && decision.decision === button.dataset.decision);
     }
@@ -482,6 +485,12 @@ REVIEW_SCRIPT = """
     state.data.decisions = answer.decisions;  // every tab's decisions, merged by the server
     $("status").textContent = `saved ${new Date().toLocaleTimeString()}`;
     if (state.current === id) showDecision();
+    refreshOrder();
+  }
+
+  async function refreshDecisions() {
+    state.data.decisions = (await api("/api/decisions", {})).decisions;
+    showDecision();
     refreshOrder();
   }
 
@@ -533,7 +542,8 @@ REVIEW_SCRIPT = """
     for (const style of data.styles) $("style").append(new Option(style.name === "lambda0" ? "λ = 0 (main style)" : `${style.name} centroid`, style.name));
     $("decide-style").textContent = $("style").value;
     $("order").value = data.columns.some((c) => c.name === "loss_lambda0") ? "loss_lambda0" : (data.columns[0] || {}).name;
-    for (const id of ["order", "cluster", "undecided-only"]) $(id).addEventListener("change", refreshOrder);
+    for (const id of ["order", "cluster", "undecided-only"]) $(id).addEventListener("change", refreshDecisions);
+    window.addEventListener("focus", refreshDecisions);  // what other tabs decided meanwhile
     for (const select of document.querySelectorAll("select")) select.addEventListener("change", () => select.blur());  // keys decide again
     $("style").addEventListener("change", () => { $("decide-style").textContent = $("style").value; if (state.viewer) state.viewer.reload(); });
     for (const id of ["window", "show-label", "show-prediction"]) $(id).addEventListener("change", redrawAll);

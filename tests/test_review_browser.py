@@ -149,6 +149,19 @@ def test_two_tabs_keep_each_others_decisions(review_page):
 
     assert {case: d.decision for case, d in read_decisions(run_dir / "review.csv").items()} == {order[0]: "fine", order[1]: "exclude"}
     sync_api.expect(other.locator("#progress")).to_have_text(f"2 of {len(order)} cases decided")  # the answer carries both tabs' decisions
+
+    # worst first by any score, one cluster only, the undecided only
+    with open(run_dir / "ranking.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    by_norm = [row["case"] for row in sorted(rows, key=lambda row: -float(row["norm"]))]
+    page.locator("#order").select_option("norm")
+    sync_api.expect(page.locator("#cases li").first).to_contain_text(f"1. {by_norm[0]}")
+    page.locator("#cluster").select_option("0")
+    sync_api.expect(page.locator("#cases li")).to_have_count(sum(row["cluster"] == "0" for row in rows))
+    page.locator("#cluster").select_option("")
+    page.locator("#undecided-only").check()
+    sync_api.expect(page.locator("#cases li")).to_have_count(len(order) - 1)  # less the case the other tab decided (this one's is shown)
+    sync_api.expect(page.locator("#progress")).to_have_text(f"2 of {len(order)} cases decided")
     assert problems == []
 
 
