@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import dataclasses
 import hmac
 import json
 import secrets
@@ -32,7 +33,8 @@ import numpy as np
 from hypersort_core.analysis import RANKING_NAME
 from hypersort_core.data import Case, DataError, read_dataset, select_labels
 from hypersort_core.data.volumes import read_case, voxel_sizes
-from hypersort_core.decisions import DECISIONS, MAIN_STYLE, REVIEW_NAME, Decision, new_decision, read_decisions, record_decision
+from hypersort_core.decisions import DECISIONS, MAIN_STYLE, REVIEW_NAME, new_decision, read_decisions, record_decision
+from hypersort_core.faults import describe_os_error
 from hypersort_core.latents import map_plane
 from hypersort_core.predict import latent_probabilities, segment
 from hypersort_core.report import SLICE_VIEWER_SCRIPT, around_foreground, script_hash
@@ -42,7 +44,7 @@ from hypersort_core.styles import cluster_latents
 LOOPBACK = "127.0.0.1"
 MAX_SLICE_SIDE = 256  # voxels a side of a slice sent to the page
 WINDOW_MARGIN = 6  # voxels around the label whose grey values set the "auto" window
-CACHED_CASES = 4
+CACHED_CASES = 3  # a 512² x 600 CT is 0.6 GB as float32
 TOKEN_HEADER = "X-Review-Token"
 PLANES = {"axial": 2, "coronal": 1, "sagittal": 0}  # plane -> the RAS axis it is fixed across
 NOT_SCORES = {"rank", "case", "cluster", "style", "label"}
@@ -52,7 +54,8 @@ MAX_BODY_BYTES = 64 * 1024
 
 @dataclass
 class CaseVolumes:
-    """A case in RAS orientation: image, given label (classes) and the voxel sizes; predictions by style."""
+    """A case in RAS orientation (views of the arrays as read, not copies): image, given label (classes) and the
+    voxel sizes; predictions by style."""
 
     image: np.ndarray
     label: np.ndarray
@@ -100,13 +103,14 @@ class ReviewSession:
         }
 
     def decisions(self) -> dict[str, dict]:
-        return {case: decision.__dict__ for case, decision in read_decisions(self.review_file, self.run.case_ids).items()}
+        return {case: dataclasses.asdict(decision) for case, decision in read_decisions(self.review_file, self.run.case_ids).items()}
 
     def record(self, case: str, decision: str, style: str, note: str, reviewer: str) -> dict[str, dict]:
+        """Merge one decision into review.csv; every decision now in it (other tabs' too)."""
         if case not in self.cases:
             raise KeyError(case)
-        record_decision(self.review_file, new_decision(case, decision, style, note, reviewer or self.reviewer))
-        return self.decisions()
+        recorded = record_decision(self.review_file, new_decision(case, decision, style, note, reviewer or self.reviewer))
+        return {name: dataclasses.asdict(made) for name, made in recorded.items()}
 
     def volumes(self, case_id: str) -> CaseVolumes:
         """The case's volumes, read once and kept for the last few cases."""
@@ -177,7 +181,7 @@ def read_volumes(case: Case, selection, declared_values) -> CaseVolumes:
 def to_ras(volume: np.ndarray, orientation: np.ndarray) -> np.ndarray:
     import nibabel.orientations as orientations
 
-    return np.ascontiguousarray(orientations.apply_orientation(volume, orientation))
+    return orientations.apply_orientation(volume, orientation)  # flips and a transpose: a view
 
 
 def display_slice(volume: np.ndarray, axis: int, index: int, step: int) -> np.ndarray:
@@ -217,6 +221,8 @@ class ReviewHandler(BaseHTTPRequestHandler):
             self.refuse(HTTPStatus.NOT_FOUND, "no such case, plane or style")
         except (ValueError, DataError) as error:
             self.refuse(HTTPStatus.BAD_REQUEST, str(error))
+        except OSError as error:  # a file of the dataset vanished or cannot be read: the page says so
+            self.refuse(HTTPStatus.INTERNAL_SERVER_ERROR, describe_os_error(error))
 
     def do_POST(self) -> None:
         url = urlsplit(self.path)
@@ -224,7 +230,8 @@ class ReviewHandler(BaseHTTPRequestHandler):
             return
         if url.path != "/api/decision":
             return self.refuse(HTTPStatus.NOT_FOUND, "no such page")
-        length = int(self.headers.get("Content-Length") or 0)
+        length = self.headers.get("Content-Length", "")
+        length = int(length) if length.isdigit() else 0
         if not 0 < length <= MAX_BODY_BYTES:
             return self.refuse(HTTPStatus.BAD_REQUEST, "a decision is a small JSON object")
         try:
@@ -233,8 +240,10 @@ class ReviewHandler(BaseHTTPRequestHandler):
             self.send_json({"decisions": self.session.record(**fields)})
         except KeyError:
             self.refuse(HTTPStatus.NOT_FOUND, "no such case")
-        except (ValueError, AttributeError) as error:
+        except (ValueError, AttributeError, DataError) as error:
             self.refuse(HTTPStatus.BAD_REQUEST, str(error))
+        except OSError as error:  # review.csv cannot be written (a full disk, permissions): not saved, and the page says why
+            self.refuse(HTTPStatus.INTERNAL_SERVER_ERROR, describe_os_error(error))
 
     def trusted(self, token: str | None) -> bool:
         """The token matches, the Host is this server's loopback address and a browser's Origin, if sent, is ours."""
