@@ -6,6 +6,7 @@ import html
 import io
 import json
 import re
+import zlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from hypersort_core.report import (
     LABEL_COLOUR,
     PREDICTION_COLOUR,
     case_picture,
+    case_view,
     latent_map_page,
     plot_cluster_map,
     report_page,
@@ -150,3 +152,21 @@ def test_the_grey_window_is_set_around_the_labelled_organ_not_the_whole_volume()
     region = around_foreground(label, np.zeros_like(label))
     assert region[label].all() and region[6, 10, 10] and not region[5, 10, 10] and not region[0, 0, 0]
     assert around_foreground(np.zeros_like(label), np.zeros_like(label)).all()
+
+
+@pytest.mark.parametrize("shape, step", [((12, 10, 8), 1), ((200, 96, 40), 3)])
+def test_a_case_view_holds_every_voxel_or_every_step_th_of_a_large_volume(shape, step):
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=shape).astype(np.float32)
+    label, prediction = rng.uniform(size=shape) > 0.7, rng.uniform(size=shape) > 0.5
+    view = case_view(image, label, prediction, np.array([0.8, 0.8, 3.0]), ("axial", "coronal", "sagittal"))
+
+    sampled = (slice(None, None, step),) * 3
+    assert view["shape"] == list(image[sampled].shape) and max(view["shape"]) <= 96
+    assert view["spacing"] == [0.8 * step, 0.8 * step, 3.0 * step]
+    masks = np.frombuffer(zlib.decompress(base64.b64decode(view["masks"])), dtype=np.uint8).reshape(view["shape"])
+    np.testing.assert_array_equal(masks & 1, label[sampled])
+    np.testing.assert_array_equal(masks >> 1, prediction[sampled])
+    grey = np.frombuffer(zlib.decompress(base64.b64decode(view["image"])), dtype=np.uint8).reshape(view["shape"])
+    order = np.argsort(image[sampled], axis=None)
+    assert np.all(np.diff(grey.reshape(-1)[order].astype(int)) >= 0)  # brighter stays brighter (a window, clipped)
