@@ -94,9 +94,9 @@ def run_job(out: Path, tag: str, cases: int, seed: int, size: int, epochs: int, 
     import torch
 
     torch.set_num_threads(1)
-    from hypersort_core.analysis import analyze_run
     from hypersort_core.config import TrainConfig
     from hypersort_core.data import make_synthetic_dataset
+    from hypersort_core.report import analyze_run
     from hypersort_core.run import load_run
     from hypersort_core.train import fit
 

@@ -19,6 +19,6 @@ from hypersort_core.cli.options import reports_bad_input
 def analyze(run_dir: Path, clusters: int | None, method: str, gallery: int, pictures: int, device: str, quiet: bool) -> None:
     """Score, cluster and rank the training cases of RUN, most suspicious first, and write
     ranking.csv, clusters.csv, latent_map.png, latent_map.html and report.html into it."""
-    from hypersort_core.analysis import analyze_run, format_summary
+    from hypersort_core.report import analyze_run, format_summary
 
     click.echo(format_summary(analyze_run(run_dir, clusters, method, gallery, device, progress=not quiet, pictures=pictures)))

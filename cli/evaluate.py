@@ -23,8 +23,9 @@ from hypersort_core.cli.options import reports_bad_input
 def evaluate(run_dir: Path, reference: Path | None, test: Path | None, min_change: int, folds: int,
              baseline_epochs: int | None, skip_baselines: bool, device: str, quiet: bool) -> None:
     """Spearman and AUROC of HyperSORT's scores and of two plain-UNet baselines against the voxels each label changed; writes RUN/evaluation.json."""
-    from hypersort_core.evaluate import EVALUATION_NAME, evaluate_run, format_evaluation
+    from hypersort_core.evaluate import evaluate_run, format_evaluation
     from hypersort_core.run import load_run
+    from hypersort_core.run_folder import EVALUATION_NAME
 
     evaluation = evaluate_run(
         load_run(run_dir, device), reference, test, min_change=min_change, folds=folds,

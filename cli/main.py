@@ -4,11 +4,15 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import click
-from hypersort_core.cli.options import comma_list, error_kinds, reports_bad_input, triple
+from hypersort_core.cli.options import (
+    comma_list,
+    error_kinds,
+    reports_bad_input,
+    triple,
+)
 
 from hypersort_core import __version__
 from hypersort_core.data.label_errors import ERROR_KINDS, STYLES
@@ -90,31 +94,32 @@ def fit(data: Path, run_dir: Path, preset: str, resume: bool, overwrite: bool, n
 
     Under torchrun every process runs this command; rank 0 alone checks the data, prints and analyzes.
     """
-    from hypersort_core.analysis import analyze_run, format_summary
-    from hypersort_core.check import check_dataset
+    from hypersort_core.api import RESUMABLE_SETTINGS, check_before_training, resumed_config, training_config
+    from hypersort_core.api import fit as fit_run
     from hypersort_core.distributed import world_from_environment
-    from hypersort_core.train import fit as fit_run
+    from hypersort_core.report import format_summary
 
     world = world_from_environment()
-    config = _resume_config(run_dir, options) if resume else _new_config(preset, options)
+    config = resumed_config(run_dir, **{k: options[k] for k in RESUMABLE_SETTINGS}) if resume else training_config(preset, **options)
     config.validate()
     # A resumed run's dataset was checked when the run began (its cache is read, not the files); with --nproc
     # this process checks before it starts torchrun, so that bad input is still one line and exit code 2.
     if not resume and world.is_main and not os.environ.get(CHECKED_ENV):
-        _check_first(check_dataset(data, config.layout, config.label, split=config.split), config.skip_bad)
+        check_before_training(data, config, warn=lambda issue: click.echo(f"warning: {issue}", err=True))
     if nproc and nproc > 1 and world.size == 1:
         _run_under_torchrun(nproc)
-    result = fit_run(data, run_dir, config, resume=resume, progress=not quiet, overwrite=overwrite, cache_dir=cache_dir)
+    settings = {k: options[k] for k in RESUMABLE_SETTINGS} if resume else options
+    run = fit_run(data, run_dir, preset=preset, check=False, resume=resume, overwrite=overwrite, analyze=not no_analyze, progress=not quiet, cache_dir=cache_dir, **settings)
+    result = run.fit_result
     interrupted_exit = INTERRUPTED_EXIT if result.signal is None else 128 + result.signal  # 130 SIGINT, 143 SIGTERM
     if not world.is_main:
         sys.exit(interrupted_exit if result.stopped == "interrupted" else 0)
     if result.stopped == "interrupted":
         _print_fit_summary(result, data)
         sys.exit(interrupted_exit)
-    analysis = analyze_run(run_dir, progress=not quiet) if not no_analyze and len(result.case_ids) > 1 else None
-    if analysis is not None:
-        click.echo(format_summary(analysis))
-    _print_fit_summary(result, data, analysis)
+    if run.analysis is not None:
+        click.echo(format_summary(run.analysis))
+    _print_fit_summary(result, data, run.analysis)
 
 
 def _run_under_torchrun(nproc: int) -> None:
@@ -137,65 +142,29 @@ def _without_option(arguments: list[str], name: str) -> list[str]:
     return kept
 
 
-ARCHITECTURE_OPTIONS = ("latent_dim", "base_channels", "levels", "convs_per_level")
-PREPROCESS_OPTIONS = ("spacing", "roi", "crop")
-RESUMABLE_OPTIONS = ("epochs", "max_minutes", "checkpoint_every", "device", "workers")
-
-
-def _new_config(preset: str, options: dict):
-    from hypersort_core.config import ConfigError, TrainConfig
-
-    architecture = {k: options.pop(k) for k in ARCHITECTURE_OPTIONS}
-    preprocess = {k: options.pop(k) for k in PREPROCESS_OPTIONS}
-    config = TrainConfig.from_preset(preset, **options)
-    try:
-        return replace(
-            config,
-            model=replace(config.model, **{k: v for k, v in architecture.items() if v is not None}),
-            preprocess=replace(config.preprocess, **{k: v for k, v in preprocess.items() if v is not None}),
-        )
-    except ValueError as error:  # the dataclasses validate themselves
-        raise ConfigError(str(error)) from None
-
-
-def _resume_config(run_dir: Path, options: dict):
-    """A resumed run keeps its settings; only how long and where it runs may change."""
-    from hypersort_core.train import read_config
-
-    if not (run_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{run_dir}: no config.json, so nothing to resume")
-    config, _ = read_config(run_dir)
-    return config.with_overrides(**{k: options[k] for k in RESUMABLE_OPTIONS})
-
-
-def _check_first(report, skip_bad: bool) -> None:
-    """`hsort check` before training: warnings are listed once, errors stop the run unless --skip-bad."""
-    for issue in report.warnings:
-        click.echo(f"warning: {issue}", err=True)
-    if not skip_bad:
-        report.raise_on_errors()
-
-
 def _print_fit_summary(result, data: Path, analysis=None) -> None:
-    from hypersort_core.analysis import DESCRIPTIONS, RANKED_BY
-    from hypersort_core.evaluate import PERTURBATIONS_NAME, format_perturbation_summary, perturbation_summary
+    from hypersort_core.analysis import DESCRIPTIONS
+    from hypersort_core.checkpoint import CHECKPOINT_NAME
+    from hypersort_core.data.synth import PERTURBATIONS_NAME
+    from hypersort_core.evaluate import format_perturbation_summary, perturbation_summary
     from hypersort_core.latents import latent_scores, read_latents_csv
+    from hypersort_core.run_folder import LATENT_MAP_NAME, LATENTS_NAME, LOG_NAME, PROGRESS_NAME
 
     run = result.run_dir
     how = {None: "finished", "time budget": "stopped at the time budget", "interrupted": "interrupted"}[result.stopped]
     click.echo(f"{how} after {result.epochs_done} epoch{'' if result.epochs_done == 1 else 's'}; run folder: {run}")
-    for name, what in [("latents.csv", "latents and scores"), ("latent_map.png", "latent map"), ("log.csv", "per-epoch log"), ("progress.png", "loss curves"), ("checkpoint.pt", "checkpoint (continue with --resume)")]:
+    for name, what in [(LATENTS_NAME, "latents and scores"), (LATENT_MAP_NAME, "latent map"), (LOG_NAME, "per-epoch log"), (PROGRESS_NAME, "loss curves"), (CHECKPOINT_NAME, "checkpoint (continue with --resume)")]:
         click.echo(f"  {run / name}  ({what})")
     click.echo(f"  prepared cases: {result.cache_dir}  (reused by later runs with the same settings)")
     for error in result.bad_cases:
         click.echo(f"  skipped bad case: {error}")
     truth = Path(data) / PERTURBATIONS_NAME
-    if truth.is_file() and (run / "latents.csv").is_file():
-        case_ids, latents = read_latents_csv(run / "latents.csv")
+    if truth.is_file() and (run / LATENTS_NAME).is_file():
+        case_ids, latents = read_latents_csv(run / LATENTS_NAME)
         norm, mean_dist = latent_scores(latents)
         scores = {"norm": norm, "mean_dist": mean_dist}
         if analysis is not None:  # the ranking's own score first
-            scores = {RANKED_BY: analysis.columns[RANKED_BY], **scores}
+            scores = {analysis.ranked_by: analysis.columns[analysis.ranked_by], **scores}
         click.echo(format_perturbation_summary(perturbation_summary(case_ids, latents, scores, truth), DESCRIPTIONS))
 
 

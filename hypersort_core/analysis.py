@@ -1,4 +1,5 @@
-"""`hsort analyze`: score, cluster and rank the training cases of a run, most suspicious first.
+"""Score, cluster and rank the training cases of a run, most suspicious first (`hsort analyze`; report.py
+writes what it finds).
 
 Scores per case, each one higher where a label deserves a look:
 - `norm`: the L2 norm of the case's latent λ, the paper's primary score (Section 4.2). The L1 penalty
@@ -31,13 +32,11 @@ of components minimises BIC over 1..min(6, N-1, distinct latents), unless `clust
 gives λ = 0 the highest posterior (k-means: the nearest centroid) is the main style, cluster 0; the
 others follow by size, largest first, and are named "style 1", "style 2", ...
 
-Files in the run folder: clusters.csv, ranking.csv, a `cluster` column added to latents.csv, and
-latent_map.png, latent_map.html and report.html (drawn by report.py).
+Files in the run folder (written by report.py): clusters.csv, ranking.csv, a `cluster` column added to
+latents.csv, and latent_map.png, latent_map.html and report.html.
 """
 from __future__ import annotations
 
-import csv
-import io
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -46,18 +45,20 @@ import numpy as np
 from scipy.special import logsumexp
 from sklearn.cluster import KMeans
 from sklearn.mixture import GaussianMixture
-from tqdm import tqdm
 
-from hypersort_core.atomic import atomic_write_text
-from hypersort_core.baselines import scored_roi
 from hypersort_core.config import ConfigError
-from hypersort_core.data import DataError, PreparedCase, read_dataset
-from hypersort_core.data.volumes import voxel_sizes
-from hypersort_core.evaluate import CLUSTERS_NAME
-from hypersort_core.latents import latent_scores, write_latents_csv
-from hypersort_core.main_style import main_style, main_style_fit, prepared_training_cases
-from hypersort_core.report import case_picture, case_view, plot_cluster_map, write_pages
-from hypersort_core.run import Run, load_run
+from hypersort_core.data import PreparedCase, read_dataset
+from hypersort_core.latents import latent_scores
+from hypersort_core.main_style import main_style_fit
+from hypersort_core.run import Run
+from hypersort_core.run_folder import (
+    CLUSTERS_NAME,
+    LATENT_MAP_NAME,
+    LATENT_MAP_PAGE_NAME,
+    LATENTS_NAME,
+    RANKING_NAME,
+    REPORT_NAME,
+)
 
 METHODS = ("gmm", "kmeans")
 MAX_CLUSTERS = 6
@@ -69,13 +70,7 @@ RANDOM_STATE = 0  # the same latents give the same clusters on every call
 RESOLUTION = 0.2
 MIN_SHARE = 1e-6  # cases: a component holding less once a case has left it is gone
 GALLERY = 12
-# Slice pictures drawn, most suspicious first: each takes about 0.2 s on a CPU and 20 kB in the pages,
-# so drawing every case of a dataset of thousands would take minutes for pictures nobody scrolls to.
-PICTURES = 200
-PRINTED_CASES = 10
 RANKED_BY = "loss_lambda0"
-RANKING_NAME = "ranking.csv"
-LATENTS_NAME = "latents.csv"
 DESCRIPTIONS = {  # column headings of the pages
     "norm": "latent norm ‖λ‖",
     "mean_dist": "mean distance",
@@ -103,33 +98,35 @@ class Clustering:
 
 
 @dataclass
-class Analysis:
-    run_dir: Path
-    data: Path
+class LabelIssues:
+    """Scores, clusters and ranking of a latent table: what `find_label_issues` returns, and what every
+    analysis of a run holds.  Without the λ = 0 losses (latents from elsewhere) the ranking is by norm."""
+
     case_ids: list[str]
-    label_files: list[str]  # where each given label lives: the file a curator would fix
     latents: np.ndarray  # [N, d]
     clustering: Clustering
-    loss_lambda0: np.ndarray  # [N] segmentation loss of the given label under the λ = 0 UNet
-    dice: np.ndarray  # [N] given label vs λ = 0 prediction
-    pictures: list[bytes | None]  # [N] PNG: slices with the given label's and the λ = 0 prediction's contours (None: not drawn)
-    gallery: int  # cases shown in report.html, worst first
-    views: dict[int, dict] = field(default_factory=dict)  # the gallery's cases as volumes, for report.html's slice viewer
+    loss_lambda0: np.ndarray | None = None  # [N] segmentation loss of the given label under the λ = 0 UNet
+    dice: np.ndarray | None = None  # [N] given label vs λ = 0 prediction
 
     @cached_property
     def columns(self) -> dict[str, np.ndarray]:
         """Every per-case number, scores first: what the CSVs, the map and the report show."""
         norm, mean_dist = latent_scores(self.latents)
-        return {"norm": norm, "mean_dist": mean_dist, self.clustering.density_name: self.clustering.density, "loss_lambda0": self.loss_lambda0, "dice_lambda0": self.dice}
+        columns = {"norm": norm, "mean_dist": mean_dist, self.clustering.density_name: self.clustering.density}
+        if self.loss_lambda0 is not None:
+            columns["loss_lambda0"] = self.loss_lambda0
+        if self.dice is not None:
+            columns["dice_lambda0"] = self.dice
+        return columns
+
+    @property
+    def ranked_by(self) -> str:
+        return RANKED_BY if RANKED_BY in self.columns else "norm"
 
     @cached_property
     def ranking(self) -> np.ndarray:
-        return rank_cases(self.columns[RANKED_BY])
-
-    @property
-    def files(self) -> dict[str, Path]:
-        names = (RANKING_NAME, CLUSTERS_NAME, LATENTS_NAME, "latent_map.png", "latent_map.html", "report.html")
-        return {name: self.run_dir / name for name in names}
+        """Case indices, most suspicious first."""
+        return rank_cases(self.columns[self.ranked_by])
 
     def style(self, cluster: int) -> str:
         return "main" if cluster == 0 else f"style {cluster}"
@@ -137,31 +134,70 @@ class Analysis:
     def describe(self, column: str) -> str:
         return DESCRIPTIONS[column]
 
+    def ranking_records(self) -> list[dict]:
+        """Every case, most suspicious first: rank, case, cluster, style and every per-case column (ranking.csv)."""
+        records = []
+        for rank, i in enumerate(self.ranking, start=1):
+            cluster = int(self.clustering.members[i])
+            scores = {name: float(values[i]) for name, values in self.columns.items()}
+            records.append({"rank": rank, "case": self.case_ids[i], "cluster": cluster, "style": self.style(cluster), **scores})
+        return records
+
+    def cluster_records(self) -> list[dict]:
+        """Every cluster, the main style first: its size, centroid and the mean of every per-case column (clusters.csv)."""
+        records = []
+        for cluster, (size, centroid) in enumerate(zip(self.clustering.sizes, self.clustering.centroids)):
+            members = self.clustering.members == cluster
+            record = {"cluster": cluster, "style": self.style(cluster), "main": int(cluster == 0), "size": int(size)}
+            record.update({f"z{axis}": float(value) for axis, value in enumerate(centroid)})
+            record.update({f"{name}_mean": float(values[members].mean()) for name, values in self.columns.items()})
+            records.append(record)
+        return records
+
+
+@dataclass(kw_only=True)
+class Analysis(LabelIssues):
+    """A run's analysis: the label issues of its latents, with the λ = 0 losses, and what the report shows."""
+
+    run_dir: Path
+    data: Path
+    label_files: list[str]  # where each given label lives: the file a curator would fix
+    pictures: list[bytes | None]  # [N] PNG: slices with the given label's and the λ = 0 prediction's contours (None: not drawn)
+    gallery: int  # cases shown in report.html, worst first
+    views: dict[int, dict] = field(default_factory=dict)  # the gallery's cases as volumes for report.html's slice viewer
+
+    @property
+    def files(self) -> dict[str, Path]:
+        names = (RANKING_NAME, CLUSTERS_NAME, LATENTS_NAME, LATENT_MAP_NAME, LATENT_MAP_PAGE_NAME, REPORT_NAME)
+        return {name: self.run_dir / name for name in names}
+
 
 def rank_cases(score: np.ndarray) -> np.ndarray:
     """Case indices by score, largest first (ties keep the case order): most suspicious first."""
     return np.argsort(-np.asarray(score), kind="stable")
 
 
-def analyze_run(
-    run_dir: Path | str,
-    clusters: int | None = None,
-    method: str = "gmm",
-    gallery: int = GALLERY,
-    device: str = "auto",
-    progress: bool = True,
-    pictures: int = PICTURES,
-) -> Analysis:
-    """Score, cluster and rank the cases of a run folder and write every analysis file into it.
+def find_label_issues(latents: np.ndarray, case_ids: list[str] | None = None, method: str = "gmm", clusters: int | None = None,
+                      loss_lambda0: np.ndarray | None = None) -> LabelIssues:
+    """Score, cluster and rank any latent table [N, d], whatever produced it; nothing is read or written.
 
-    This is the whole of `hsort analyze`, and what `fit` calls when training ends.  The `pictures`
-    most suspicious cases (and at least the gallery's) get a slice picture."""
-    run = load_run(run_dir, device)
-    latents = run.latents()
+    case_ids default to "0", "1", ...; loss_lambda0 (each label's loss under the λ = 0 UNet) makes the
+    ranking the one `hsort analyze` writes, else it is by latent norm."""
+    latents = np.asarray(latents)
+    if latents.ndim != 2:
+        raise ConfigError(f"latents must be a table [cases, dimensions]; got an array of shape {latents.shape}")
+    case_ids = [str(i) for i in range(len(latents))] if case_ids is None else list(case_ids)
+    if len(case_ids) != len(latents) or (loss_lambda0 is not None and len(loss_lambda0) != len(latents)):
+        raise ConfigError(f"{len(latents)} latents need as many case ids and losses (got {len(case_ids)} ids)")
+    return LabelIssues(case_ids, latents, find_clusters(latents, clusters, method), None if loss_lambda0 is None else np.asarray(loss_lambda0))
+
+
+def analyze(run: Run, prepared: dict[str, PreparedCase], clusters: int | None = None, method: str = "gmm", gallery: int = GALLERY, progress: bool = False) -> Analysis:
+    """Score, cluster and rank the training cases of a loaded run (no file is written: report.py does that)."""
+    latents = run.latents
     clustering = find_clusters(latents, clusters, method)  # before the predictions: a bad --clusters fails at once
-    prepared = prepared_training_cases(run, progress)
     loss, dice = main_style_fit(run, prepared, progress)
-    analysis = Analysis(
+    return Analysis(
         run_dir=run.run_dir,
         data=run.data,
         case_ids=run.case_ids,
@@ -173,12 +209,6 @@ def analyze_run(
         pictures=[None] * len(run.case_ids),
         gallery=gallery,
     )
-    drawn = analysis.ranking[: max(pictures, gallery)]
-    drawings, analysis.views = draw_cases(run, prepared, drawn, progress, viewed=set(analysis.ranking[:gallery].tolist()))
-    for index, picture in zip(drawn, drawings):
-        analysis.pictures[index] = picture
-    write_analysis(analysis)
-    return analysis
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,104 +298,10 @@ def numbered(method: str, members: np.ndarray, centroids: np.ndarray, main: int,
 
 
 # ---------------------------------------------------------------------------------------------
-# Each case against the main style
-
-
-def draw_cases(run: Run, prepared: dict[str, PreparedCase], indices: np.ndarray, progress: bool = False, viewed: set[int] = frozenset()) -> tuple[list[bytes], dict[int, dict]]:
-    """A PNG per case (indices) of slices with the given label's and the λ = 0 prediction's contours; for the
-    `viewed` cases also the volumes report.html's slice viewer scrolls through."""
-    plane_names = ("axial", "coronal", "sagittal") if run.config.preprocess.reorient else ("x–y", "x–z", "y–z")
-    pictures, views = [], {}
-    for index in tqdm(indices, desc="pictures", unit="case", disable=not progress):
-        case = prepared[run.case_ids[index]]
-        image, label = scored_roi(case, run.config.preprocess)
-        prediction = run.segment(image, main_style(run))
-        pictures.append(case_picture(image, label, prediction, voxel_sizes(case.affine), plane_names))
-        if index in viewed:
-            views[int(index)] = case_view(image, label, prediction, voxel_sizes(case.affine), plane_names)
-    return pictures, views
+# Where each case's label lives
 
 
 def label_files(run: Run) -> list[str]:
     """The given label of each training case (a TotalSegmentator case: its segmentations folder)."""
     cases = {case.case_id: case.label for case in read_dataset(run.data, run.config.layout, split=run.config.split).cases}
     return [str(next(iter(label.values())).parent if isinstance(label, dict) else label) for label in map(cases.get, run.case_ids)]
-
-
-# ---------------------------------------------------------------------------------------------
-# Files
-
-
-def write_analysis(analysis: Analysis) -> None:
-    files = analysis.files
-    write_clusters_csv(analysis, files[CLUSTERS_NAME])
-    write_ranking_csv(analysis, files[RANKING_NAME])
-    add_cluster_column(analysis, files[LATENTS_NAME])
-    plot_cluster_map(analysis, files["latent_map.png"])
-    write_pages(analysis, files["latent_map.html"], files["report.html"])
-
-
-def write_clusters_csv(analysis: Analysis, path: Path) -> None:
-    """cluster, style, main, size, centroid z0.., then the mean of every per-case column."""
-    clustering, columns = analysis.clustering, analysis.columns
-    rows = [["cluster", "style", "main", "size", *[f"z{i}" for i in range(analysis.latents.shape[1])], *[f"{name}_mean" for name in columns]]]
-    for cluster, (size, centroid) in enumerate(zip(clustering.sizes, clustering.centroids)):
-        members = clustering.members == cluster
-        means = [values[members].mean() for values in columns.values()]
-        rows.append([cluster, analysis.style(cluster), int(cluster == 0), size, *map(_number, centroid), *map(_number, means)])
-    _write_csv(path, rows)
-
-
-def write_ranking_csv(analysis: Analysis, path: Path) -> None:
-    """Every case, most suspicious first: its scores, its cluster and where its label lives."""
-    columns = analysis.columns
-    rows = [["rank", "case", "cluster", "style", *columns, "label"]]
-    for rank, i in enumerate(analysis.ranking, start=1):
-        cluster = int(analysis.clustering.members[i])
-        rows.append([rank, analysis.case_ids[i], cluster, analysis.style(cluster), *[_number(values[i]) for values in columns.values()], analysis.label_files[i]])
-    _write_csv(path, rows)
-
-
-def add_cluster_column(analysis: Analysis, path: Path) -> None:
-    """latents.csv with a `cluster` column (replaced if present), every other column kept."""
-    if not path.is_file():
-        write_latents_csv(analysis.run_dir, analysis.case_ids, analysis.latents)
-    with open(path, newline="") as handle:
-        header, *rows = list(csv.reader(handle))
-    if "case" not in header:
-        raise DataError(path, "has no 'case' column")
-    case, kept = header.index("case"), [i for i, name in enumerate(header) if name != "cluster"]
-    cluster_of = dict(zip(analysis.case_ids, analysis.clustering.members.tolist()))
-    _write_csv(path, [[header[i] for i in kept] + ["cluster"], *[[row[i] for i in kept] + [cluster_of.get(row[case], "")] for row in rows]])
-
-
-def _write_csv(path: Path, rows: list[list]) -> None:
-    buffer = io.StringIO()
-    csv.writer(buffer).writerows(rows)
-    atomic_write_text(path, buffer.getvalue())
-
-
-def _number(value: float) -> str:
-    return f"{value:.6g}"
-
-
-# ---------------------------------------------------------------------------------------------
-# What `hsort analyze` prints
-
-
-def format_summary(analysis: Analysis, cases: int = PRINTED_CASES) -> str:
-    """The clusters, the most suspicious cases and the files written."""
-    clustering, columns = analysis.clustering, analysis.columns
-    tried = ", ".join(f"{k}: {bic:.1f}" for k, bic in clustering.bic.items())
-    how = f"fixed by --clusters (BIC {tried})" if len(clustering.bic) == 1 else f"chosen by BIC ({tried})"
-    lines = [f"{len(clustering.centroids)} clusters ({clustering.method}), {how}", f"  {'style':<9}{'size':>5}  {'centroid':<20}" + "".join(f"{name:>14}" for name in columns)]
-    for cluster, (size, centroid) in enumerate(zip(clustering.sizes, clustering.centroids)):
-        members = clustering.members == cluster
-        centre = "(" + ", ".join(f"{value:.3g}" for value in centroid) + ")"
-        lines.append(f"  {analysis.style(cluster):<9}{size:>5}  {centre:<20}" + "".join(f"{values[members].mean():>14.4g}" for values in columns.values()))
-    lines += ["", f"most suspicious cases (by {DESCRIPTIONS[RANKED_BY]}; all {len(analysis.case_ids)} in {RANKING_NAME}):", f"  {'rank':>4}  {'case':<24}{'style':<9}" + "".join(f"{name:>14}" for name in columns)]
-    for rank, i in enumerate(analysis.ranking[:cases], start=1):
-        style = analysis.style(int(clustering.members[i]))
-        lines.append(f"  {rank:>4}  {analysis.case_ids[i]:<24}{style:<9}" + "".join(f"{values[i]:>14.4g}" for values in columns.values()))
-    lines += ["", "files:", *[f"  {path}" for path in analysis.files.values()]]
-    return "\n".join(lines)

@@ -9,44 +9,20 @@ the hyper-network is the only difference from HyperSORT.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from hypersort_core.config import ConfigError, TrainConfig
-from hypersort_core.data import (
-    PreparedCase,
-    PreparedData,
-    PreprocessConfig,
-    TrainingSet,
-)
-from hypersort_core.data.preprocess import extract_window, roi_window
-from hypersort_core.loss import soft_dice_loss
+from hypersort_core.data import PreparedCase, PreparedData, TrainingSet, scored_roi
+from hypersort_core.device import autocast_for
+from hypersort_core.loss import segmentation_loss, soft_dice_loss
 from hypersort_core.model import plain_unet
-from hypersort_core.train import autocast_for
 from hypersort_core.unet import UNet
 
 CaseLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy + soft Dice per sample [B]: HyperSORT's loss without its latent term."""
-    cross_entropy = F.cross_entropy(logits.float(), target, reduction="none").flatten(1).mean(dim=1)
-    return cross_entropy + soft_dice_loss(logits, target)
-
-
-def scored_roi(case: PreparedCase, config: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
-    """The image and label window a case is judged on: its stored ROI, or for random-crop runs
-    (which store the whole volume) the ROI centred on its label, so every score sees the same voxels."""
-    image, label = case.load_image(), case.load_label()
-    if config.crop != "random":
-        return image, label
-    start, size = roi_window(label, replace(config, crop="label"))
-    return extract_window(image, start, size), extract_window(label, start, size)
 
 
 def train_plain_unet(cases: Dataset, config: TrainConfig, epochs: int, device: torch.device, description: str = "plain UNet", progress: bool = False) -> UNet:

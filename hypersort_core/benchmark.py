@@ -40,6 +40,7 @@ from torch import nn
 
 from hypersort_core.atomic import atomic_write_text
 from hypersort_core.config import PRESETS, ConfigError, TrainConfig
+from hypersort_core.device import autocast_for, resolve_device
 from hypersort_core.kernels import (
     per_sample_conv3d,
     per_sample_conv3d_reference,
@@ -51,12 +52,7 @@ from hypersort_core.layers import HyperHead
 from hypersort_core.model import HyperSORT, ModelConfig, parameter_count, plain_unet
 from hypersort_core.model import _block as per_sample_block
 from hypersort_core.reference import ReferenceHyperNetwork, ReferenceTraining
-from hypersort_core.train import (
-    _train_step,
-    autocast_for,
-    build_optimizers,
-    resolve_device,
-)
+from hypersort_core.train import Trainer, build_optimizers, train_step
 
 SECTIONS = ("layers", "head", "step", "block")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -419,14 +415,15 @@ def step_rows(settings: BenchSettings, batch: int, dtype_name: str, repeats: Rep
     model = config.model
     images = torch.randn(batch, model.in_channels, size, size, size, device=device)
     labels = torch.randint(0, model.out_channels, (batch, size, size, size), device=device)
-    autocast = autocast_for(_precision(dtype_name, device), device)
+    config = replace(config, precision=_precision(dtype_name, device))
+    autocast = autocast_for(config.precision, device)
 
     def ours() -> Callable[[], object]:
         with device:
             hypersort = HyperSORT(model, [f"case{i}" for i in range(batch)])
-        optimizers = build_optimizers(hypersort, config, device)
+        trainer = Trainer(hypersort, build_optimizers(hypersort, config, device), config, device)
         data = {"image": images, "label": labels, "index": torch.arange(batch, device=device)}
-        return lambda: _train_step(hypersort, optimizers, data, config, device, autocast)
+        return lambda: train_step(trainer, data)
 
     def reference() -> Callable[[], object]:
         training = ReferenceTraining(model, batch, config.lr, config.latent_lr, config.latent_betas, config.l1, device)

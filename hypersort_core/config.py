@@ -17,6 +17,10 @@ class ConfigError(ValueError):
     """A setting that cannot work (unknown preset, missing device, impossible ROI)."""
 
 
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "tf32", "bf16")  # auto: bf16 autocast on CUDA, fp32 on the CPU
+
+
 PRESETS: dict[str, dict] = {
     # The paper: 3 levels, 16 channels, 3 convs per level, 2 mm, ROI 168^3; Adam 1e-4 as in its Section 4.
     "paper": {
@@ -90,6 +94,8 @@ class TrainConfig:
             (self.checkpoint_every >= 1, "--checkpoint-every must be 1 or more"),
             (self.workers >= 0, "--workers must be 0 or more"),
             (0 <= self.seed < 2**63, "--seed must be between 0 and 2**63 - 1"),
+            (self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}"),
+            (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}"),
             (model.latent_dim >= 1, "--latent-dim must be 1 or more"),
             (model.levels >= 1, "--levels must be 1 or more"),
             (model.base_channels >= 1, "--base-channels must be 1 or more"),
@@ -129,4 +135,4 @@ def _tuples(values: dict) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
 
 
-__all__ = ["PRESETS", "ConfigError", "TrainConfig"]
+__all__ = ["DEVICES", "PRECISIONS", "PRESETS", "ConfigError", "TrainConfig"]

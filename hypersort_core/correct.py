@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from hypersort_core.analysis import RANKING_NAME
 from hypersort_core.atomic import atomic_write_text
 from hypersort_core.config import ConfigError
 from hypersort_core.data import (
@@ -27,9 +26,10 @@ from hypersort_core.data import (
 )
 from hypersort_core.data.cache import output_file_name
 from hypersort_core.data.volumes import open_nifti, read_case
-from hypersort_core.main_style import foreground_dice
+from hypersort_core.metrics import foreground_dice
 from hypersort_core.predict import latent_probabilities, save_label, segment
 from hypersort_core.run import Run
+from hypersort_core.run_folder import RANKING_NAME
 from hypersort_core.styles import cluster_latent, cluster_name
 
 CHANGES_NAME = "changes.csv"

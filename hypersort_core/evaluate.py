@@ -25,28 +25,25 @@ from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
 from hypersort_core.atomic import atomic_write_text
-from hypersort_core.baselines import (
-    held_out_dice_scores,
-    scored_roi,
-    training_loss_scores,
-)
+from hypersort_core.baselines import held_out_dice_scores, training_loss_scores
 from hypersort_core.data import (
     Case,
     DataError,
     LabelSelection,
     read_dataset,
+    scored_roi,
     select_labels,
 )
 from hypersort_core.data.layouts import nifti_files_by_case
+from hypersort_core.data.synth import MAIN_STYLE, PERTURBATIONS_NAME
 from hypersort_core.data.volumes import read_case
-from hypersort_core.data.synth import MAIN_STYLE
 from hypersort_core.latents import latent_scores
-from hypersort_core.main_style import foreground_dice, main_style_fit, prepared_training_cases
+from hypersort_core.main_style import main_style_fit, prepared_training_cases
+from hypersort_core.metrics import foreground_dice
 from hypersort_core.run import Run
+from hypersort_core.run_folder import EVALUATION_NAME, LOG_NAME
+from hypersort_core.styles import Style, run_styles
 
-PERTURBATIONS_NAME = "perturbations.csv"
-EVALUATION_NAME = "evaluation.json"
-CLUSTERS_NAME = "clusters.csv"
 SCORE_LABELS = {
     "loss_lambda0": "HyperSORT loss at λ = 0",
     "latent_norm": "HyperSORT latent norm",
@@ -66,14 +63,6 @@ class PerturbationSummary:
     direction_cosine: float | None  # cosine between (eroded mean - clean mean) and (dilated mean - clean mean); < 0 = opposite sides
     counts: dict[str, int]  # cases per kind, and per other style
 
-
-@dataclass
-class Style:
-    """One annotation style: a cluster of latents, and the latent whose UNet draws that style."""
-
-    cluster: int
-    size: int
-    latent: np.ndarray
 
 
 def read_perturbation_rows(path: Path, columns: tuple[str, ...] = ("case", "kind")) -> list[dict[str, str]]:
@@ -208,7 +197,7 @@ def reference_changes(run: Run, reference: Path | None) -> tuple[dict[str, int],
 def hypersort_scores(run: Run) -> dict[str, dict[str, float]]:
     """The score `hsort analyze` ranks by, the loss under the λ = 0 UNet (main_style.py), and the paper's
     two latent scores (latents.py), per case."""
-    norm, mean_distance = latent_scores(run.latents())
+    norm, mean_distance = latent_scores(run.latents)
     loss, _ = main_style_fit(run, prepared_training_cases(run))
     return {
         "loss_lambda0": dict(zip(run.case_ids, map(float, loss))),
@@ -219,7 +208,7 @@ def hypersort_scores(run: Run) -> dict[str, dict[str, float]]:
 
 def trained_epochs(run: Run) -> int:
     """How long the run trained: the last epoch of its log.csv (a time budget may stop it early), else its setting."""
-    log = run.run_dir / "log.csv"
+    log = run.run_dir / LOG_NAME
     if log.is_file():
         with open(log, newline="") as handle:
             rows = list(csv.DictReader(handle))
@@ -256,36 +245,8 @@ def score_metrics(score: np.ndarray, change: np.ndarray, min_change: int) -> dic
 
 
 # ---------------------------------------------------------------------------------------------
-# The styles, and their UNets on a test set
+# The styles' UNets on a test set
 
-
-def read_clusters_csv(path: Path) -> list[Style]:
-    """The clusters `hsort analyze` found: columns cluster, size and the centroid z0..z{d-1}."""
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows or not {"cluster", "size", "z0"} <= set(rows[0]):
-        raise DataError(path, "needs a row per cluster with columns cluster, size and z0..z{d-1}")
-    dims = sorted((key for key in rows[0] if key[:1] == "z" and key[1:].isdigit()), key=lambda key: int(key[1:]))
-    return [Style(int(row["cluster"]), int(row["size"]), np.array([float(row[key]) for key in dims])) for row in rows]
-
-
-def fit_styles(latents: np.ndarray) -> list[Style]:
-    """The clusters `hsort analyze` would find (its mixture, K by BIC); the centroids are the styles."""
-    from hypersort_core.analysis import find_clusters  # analysis imports this module
-
-    clustering = find_clusters(latents)
-    return [Style(k, int(size), centroid) for k, (size, centroid) in enumerate(zip(clustering.sizes, clustering.centroids))]
-
-
-def run_styles(run: Run) -> list[Style]:
-    """The run's clusters.csv when `hsort analyze` wrote one, else a mixture fitted here."""
-    clusters = run.run_dir / CLUSTERS_NAME
-    if not clusters.is_file():
-        return fit_styles(run.latents())
-    styles = read_clusters_csv(clusters)
-    if any(len(style.latent) != run.config.model.latent_dim for style in styles):
-        raise DataError(clusters, f"holds centroids of another dimension than this run's {run.config.model.latent_dim}-D latents")
-    return styles
 
 
 def style_dice_on_test_set(run: Run, test: Path, styles: list[Style]) -> dict:
@@ -295,7 +256,7 @@ def style_dice_on_test_set(run: Run, test: Path, styles: list[Style]) -> dict:
     for case in prepared.cases:
         image, label = scored_roi(case, run.config.preprocess)
         case_ids.append(case.case_id)
-        rows.append([foreground_dice(run.segment(image, style.latent), label, run.config.model.out_channels) for style in styles])
+        rows.append([foreground_dice(run.segment_prepared(image, style.latent), label, run.config.model.out_channels) for style in styles])
     dice = np.array(rows)  # [test cases, styles]
     return {
         "data": str(test),

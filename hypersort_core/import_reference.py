@@ -39,7 +39,8 @@ from hypersort_core.reference import (
     head_key,
     reference_to_single_head,
 )
-from hypersort_core.train import build_optimizers, write_config
+from hypersort_core.run_folder import write_config
+from hypersort_core.train import build_optimizers
 
 PLACEHOLDER_KEY = "model.dummy_param"
 MLP_WEIGHT = re.compile(r"hypernetwork\.(\d+)\.0\.weight")

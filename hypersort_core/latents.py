@@ -10,14 +10,12 @@ import csv
 import io
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from scipy.spatial.distance import cdist
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from scipy.spatial.distance import cdist  # noqa: E402
-
-from hypersort_core.atomic import atomic_savefig, atomic_write_text  # noqa: E402
+from hypersort_core.atomic import atomic_savefig, atomic_write_text
+from hypersort_core.run_folder import LATENT_MAP_NAME, LATENTS_NAME
 
 LABELLED_OUTLIERS = 5
 DISTANCE_BLOCK = 512  # cases per block of the distance matrix: memory grows with N, not N²
@@ -37,16 +35,16 @@ def write_latents_csv(run_dir: Path, case_ids: list[str], latents: np.ndarray) -
     writer = csv.writer(buffer)
     writer.writerow(["case", *[f"z{i}" for i in range(latents.shape[1])], "norm", "mean_dist"])
     for case, z, n, d in zip(case_ids, latents, norm, mean_dist):
-        writer.writerow([case, *[f"{v:.6g}" for v in z], f"{n:.6g}", f"{d:.6g}"])
-    atomic_write_text(Path(run_dir) / "latents.csv", buffer.getvalue())
+        writer.writerow([case, *[f"{v:.9g}" for v in z], f"{n:.6g}", f"{d:.6g}"])  # 9 digits: float32 exactly
+    atomic_write_text(Path(run_dir) / LATENTS_NAME, buffer.getvalue())
 
 
 def read_latents_csv(path: Path) -> tuple[list[str], np.ndarray]:
-    """Case ids and latents [N, d] from a latents.csv."""
+    """Case ids and latents [N, d] (float32, as trained) from a latents.csv."""
     with open(path, newline="") as handle:
         rows = list(csv.DictReader(handle))
     dims = sorted((k for k in rows[0] if k[0] == "z" and k[1:].isdigit()), key=lambda k: int(k[1:]))
-    return [row["case"] for row in rows], np.array([[float(row[k]) for k in dims] for row in rows])
+    return [row["case"] for row in rows], np.array([[float(row[k]) for k in dims] for row in rows], dtype=np.float32)
 
 
 def map_plane(latents: np.ndarray) -> np.ndarray:
@@ -58,7 +56,8 @@ def plot_latent_map(run_dir: Path, case_ids: list[str], latents: np.ndarray, epo
     """The first two latent axes, coloured by norm, with the most distant cases named."""
     norm = np.linalg.norm(latents, axis=1)
     xy = map_plane(latents)
-    figure, axis = plt.subplots(figsize=(5.5, 5))
+    figure = Figure(figsize=(5.5, 5))
+    axis = figure.subplots()
     points = axis.scatter(xy[:, 0], xy[:, 1], c=norm, cmap="viridis", s=22, edgecolors="k", linewidths=0.3)
     axis.scatter([0], [0], marker="+", color="red", s=120, label="λ = 0 (main style)")
     for i in np.argsort(-norm)[:LABELLED_OUTLIERS]:
@@ -67,8 +66,7 @@ def plot_latent_map(run_dir: Path, case_ids: list[str], latents: np.ndarray, epo
     axis.margins(0.18)  # room for the case names at the edges
     axis.set(xlabel="z0", ylabel="z1", title=f"latent map, epoch {epoch}", aspect="equal")
     axis.legend(loc="best", fontsize=8)
-    atomic_savefig(Path(run_dir) / "latent_map.png", figure)
-    plt.close(figure)
+    atomic_savefig(Path(run_dir) / LATENT_MAP_NAME, figure)
 
 
 def drawable(text: str) -> str:

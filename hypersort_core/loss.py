@@ -41,3 +41,10 @@ def hypersort_loss(logits: torch.Tensor, target: torch.Tensor, latent: torch.Ten
     dice = soft_dice_loss(logits, target).mean()
     latent_l1 = latent.abs().sum(dim=1).mean()
     return LossTerms(cross_entropy + dice + l1_weight * latent_l1, cross_entropy, dice, latent_l1)
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy + soft Dice per sample [B]: HyperSORT's loss without its latent term, which the
+    baselines train with and the λ = 0 score judges a label by."""
+    cross_entropy = F.cross_entropy(logits.float(), target, reduction="none").flatten(1).mean(dim=1)
+    return cross_entropy + soft_dice_loss(logits, target)

@@ -11,8 +11,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from hypersort_core.baselines import scored_roi, segmentation_loss
-from hypersort_core.data import DataError, PreparedCase
+from hypersort_core.data import DataError, PreparedCase, scored_roi
+from hypersort_core.loss import segmentation_loss
+from hypersort_core.metrics import foreground_dice
 from hypersort_core.run import Run
 
 
@@ -41,13 +42,3 @@ def main_style_fit(run: Run, prepared: dict[str, PreparedCase], progress: bool =
 
 def main_style(run: Run) -> np.ndarray:
     return np.zeros(run.config.model.latent_dim, dtype=np.float32)
-
-
-def foreground_dice(prediction: np.ndarray, label: np.ndarray, num_classes: int) -> float:
-    """Hard Dice averaged over the foreground classes; a class absent from both counts as 1 (nothing to miss)."""
-    scores = []
-    for number in range(1, num_classes):
-        predicted, labelled = prediction == number, label == number
-        total = int(predicted.sum() + labelled.sum())
-        scores.append(1.0 if total == 0 else 2 * int(np.logical_and(predicted, labelled).sum()) / total)
-    return float(np.mean(scores))

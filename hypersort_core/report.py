@@ -1,4 +1,5 @@
-"""What `hsort analyze` draws: a slice picture per case, latent_map.png, and two self-contained pages,
+"""What `hsort analyze` writes from an analysis (analysis.py): ranking.csv, clusters.csv, the `cluster`
+column of latents.csv, a slice picture per suspicious case, latent_map.png, and two self-contained pages,
 latent_map.html (the interactive map) and report.html (the map, the styles and a worst-first gallery).
 
 The pages work offline: CSS and JS are inline, the map's data is JSON in a script tag and every
@@ -13,13 +14,13 @@ gallery links to the map this way, and the browser test uses it.
 from __future__ import annotations
 
 import base64
+import csv
 import hashlib
 import html
 import io
 import json
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import numpy as np
@@ -28,13 +29,33 @@ from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from scipy import ndimage
+from tqdm import tqdm
 
+from hypersort_core.analysis import DESCRIPTIONS, GALLERY, Analysis, analyze
 from hypersort_core.atomic import atomic_savefig, atomic_write_text
-from hypersort_core.latents import LABELLED_OUTLIERS, drawable, map_plane
+from hypersort_core.data import DataError, PreparedCase, scored_roi
+from hypersort_core.data.volumes import voxel_sizes
+from hypersort_core.latents import (
+    LABELLED_OUTLIERS,
+    drawable,
+    map_plane,
+    write_latents_csv,
+)
+from hypersort_core.main_style import main_style, prepared_training_cases
+from hypersort_core.run import Run, load_run
+from hypersort_core.run_folder import (
+    CLUSTERS_NAME,
+    LATENT_MAP_NAME,
+    LATENT_MAP_PAGE_NAME,
+    LATENTS_NAME,
+    RANKING_NAME,
+    REPORT_NAME,
+)
 
-if TYPE_CHECKING:
-    from hypersort_core.analysis import Analysis
-
+# Slice pictures drawn, most suspicious first: each takes about 0.2 s on a CPU and 20 kB in the pages,
+# so drawing every case of a dataset of thousands would take minutes for pictures nobody scrolls to.
+PICTURES = 200
+PRINTED_CASES = 10
 LABEL_COLOUR = "#ffcc00"
 PREDICTION_COLOUR = "#00c8ff"
 PICTURE_DPI = 90
@@ -129,6 +150,135 @@ def plot_cluster_map(analysis: Analysis, path: Path) -> None:
     axis.set(xlabel="z0", ylabel="z1" if analysis.latents.shape[1] > 1 else "", aspect="equal", title=f"latent map: {len(clustering.centroids)} clusters ({clustering.method})")
     axis.legend(loc="best", fontsize=8)
     atomic_savefig(path, figure)
+
+
+# ---------------------------------------------------------------------------------------------
+# `hsort analyze`: the analysis, then its files
+
+def analyze_run(
+    run_dir: Path | str,
+    clusters: int | None = None,
+    method: str = "gmm",
+    gallery: int = GALLERY,
+    device: str = "auto",
+    progress: bool = True,
+    pictures: int = PICTURES,
+) -> Analysis:
+    """Score, cluster and rank the cases of a run folder and write every analysis file into it.
+
+    This is the whole of `hsort analyze`, and what `fit` calls when training ends.  The `pictures`
+    most suspicious cases (and at least the gallery's) get a slice picture."""
+    run = load_run(run_dir, device)
+    return analyze_loaded_run(run, clusters, method, gallery, progress, pictures)
+
+
+def analyze_loaded_run(run: Run, clusters: int | None = None, method: str = "gmm", gallery: int = GALLERY, progress: bool = True,
+                       pictures: int = PICTURES, out: Path | None = None) -> Analysis:
+    """`analyze_run` on a run already loaded; its files go to `out` (default: the run folder)."""
+    prepared = prepared_training_cases(run, progress)
+    analysis = analyze(run, prepared, clusters, method, gallery, progress)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        analysis.run_dir = out
+    drawn = analysis.ranking[: max(pictures, gallery)]
+    drawings, analysis.views = draw_cases(run, prepared, drawn, progress, viewed=set(analysis.ranking[:gallery].tolist()))
+    for index, picture in zip(drawn, drawings):
+        analysis.pictures[index] = picture
+    write_analysis(analysis)
+    return analysis
+
+
+def draw_cases(run: Run, prepared: dict[str, PreparedCase], indices: np.ndarray, progress: bool = False,
+               viewed: set[int] = frozenset()) -> tuple[list[bytes], dict[int, dict]]:
+    """A PNG per case (indices) of slices with the given label's and the λ = 0 prediction's contours; for the
+    `viewed` cases also the volumes report.html's slice viewer scrolls through."""
+    plane_names = ("axial", "coronal", "sagittal") if run.config.preprocess.reorient else ("x–y", "x–z", "y–z")
+    pictures, views = [], {}
+    for index in tqdm(indices, desc="pictures", unit="case", disable=not progress):
+        case = prepared[run.case_ids[index]]
+        image, label = scored_roi(case, run.config.preprocess)
+        prediction = run.segment_prepared(image, main_style(run))
+        pictures.append(case_picture(image, label, prediction, voxel_sizes(case.affine), plane_names))
+        if index in viewed:
+            views[int(index)] = case_view(image, label, prediction, voxel_sizes(case.affine), plane_names)
+    return pictures, views
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def write_analysis(analysis: Analysis) -> None:
+    files = analysis.files
+    write_clusters_csv(analysis, files[CLUSTERS_NAME])
+    write_ranking_csv(analysis, files[RANKING_NAME])
+    add_cluster_column(analysis, files[LATENTS_NAME])
+    plot_cluster_map(analysis, files[LATENT_MAP_NAME])
+    write_pages(analysis, files[LATENT_MAP_PAGE_NAME], files[REPORT_NAME])
+
+
+def write_clusters_csv(analysis: Analysis, path: Path) -> None:
+    """cluster, style, main, size, centroid z0.., then the mean of every per-case column."""
+    _write_records(path, analysis.cluster_records())
+
+
+def write_ranking_csv(analysis: Analysis, path: Path) -> None:
+    """Every case, most suspicious first: its scores, its cluster and where its label lives."""
+    records = analysis.ranking_records()
+    for record, i in zip(records, analysis.ranking):
+        record["label"] = analysis.label_files[i]
+    _write_records(path, records)
+
+
+def add_cluster_column(analysis: Analysis, path: Path) -> None:
+    """latents.csv with a `cluster` column (replaced if present), every other column kept."""
+    if not path.is_file():
+        write_latents_csv(analysis.run_dir, analysis.case_ids, analysis.latents)
+    with open(path, newline="") as handle:
+        header, *rows = list(csv.reader(handle))
+    if "case" not in header:
+        raise DataError(path, "has no 'case' column")
+    case, kept = header.index("case"), [i for i, name in enumerate(header) if name != "cluster"]
+    cluster_of = dict(zip(analysis.case_ids, analysis.clustering.members.tolist()))
+    _write_csv(path, [[header[i] for i in kept] + ["cluster"], *[[row[i] for i in kept] + [cluster_of.get(row[case], "")] for row in rows]])
+
+
+def _write_records(path: Path, records: list[dict]) -> None:
+    """Records as CSV rows, numbers to 6 significant digits."""
+    rows = [list(records[0]), *[[_number(value) if isinstance(value, float) else value for value in record.values()] for record in records]]
+    _write_csv(path, rows)
+
+
+def _write_csv(path: Path, rows: list[list]) -> None:
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def _number(value: float) -> str:
+    return f"{value:.6g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# What `hsort analyze` prints
+
+
+def format_summary(analysis: Analysis, cases: int = PRINTED_CASES) -> str:
+    """The clusters, the most suspicious cases and the files written."""
+    clustering, columns = analysis.clustering, analysis.columns
+    tried = ", ".join(f"{k}: {bic:.1f}" for k, bic in clustering.bic.items())
+    how = f"fixed by --clusters (BIC {tried})" if len(clustering.bic) == 1 else f"chosen by BIC ({tried})"
+    lines = [f"{len(clustering.centroids)} clusters ({clustering.method}), {how}", f"  {'style':<9}{'size':>5}  {'centroid':<20}" + "".join(f"{name:>14}" for name in columns)]
+    for cluster, (size, centroid) in enumerate(zip(clustering.sizes, clustering.centroids)):
+        members = clustering.members == cluster
+        centre = "(" + ", ".join(f"{value:.3g}" for value in centroid) + ")"
+        lines.append(f"  {analysis.style(cluster):<9}{size:>5}  {centre:<20}" + "".join(f"{values[members].mean():>14.4g}" for values in columns.values()))
+    lines += ["", f"most suspicious cases (by {DESCRIPTIONS[analysis.ranked_by]}; all {len(analysis.case_ids)} in {RANKING_NAME}):", f"  {'rank':>4}  {'case':<24}{'style':<9}" + "".join(f"{name:>14}" for name in columns)]
+    for rank, i in enumerate(analysis.ranking[:cases], start=1):
+        style = analysis.style(int(clustering.members[i]))
+        lines.append(f"  {rank:>4}  {analysis.case_ids[i]:<24}{style:<9}" + "".join(f"{values[i]:>14.4g}" for values in columns.values()))
+    lines += ["", "files:", *[f"  {path}" for path in analysis.files.values()]]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,7 +30,6 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from hypersort_core.analysis import RANKING_NAME
 from hypersort_core.data import Case, DataError, read_dataset, select_labels
 from hypersort_core.data.volumes import read_case, voxel_sizes
 from hypersort_core.decisions import DECISIONS, MAIN_STYLE, REVIEW_NAME, new_decision, read_decisions, record_decision
@@ -39,6 +38,7 @@ from hypersort_core.latents import map_plane
 from hypersort_core.predict import latent_probabilities, segment
 from hypersort_core.report import SLICE_VIEWER_SCRIPT, around_foreground, script_hash
 from hypersort_core.run import Run
+from hypersort_core.run_folder import RANKING_NAME
 from hypersort_core.styles import cluster_latents
 
 LOOPBACK = "127.0.0.1"
@@ -87,7 +87,7 @@ class ReviewSession:
 
     def case_list(self) -> dict:
         """Every case in ranking order with its scores, cluster and place on the latent map; the decisions so far."""
-        xy = dict(zip(self.run.case_ids, map_plane(self.run.latents()).tolist()))
+        xy = dict(zip(self.run.case_ids, map_plane(self.run.latents).tolist()))
         columns = [name for name in self.rows[0] if name not in NOT_SCORES] if self.rows else []
         return {
             "columns": [{"name": name, "lowerIsWorse": name in LOWER_IS_WORSE} for name in columns],

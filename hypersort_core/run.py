@@ -13,8 +13,9 @@ import torch
 from hypersort_core.checkpoint import load_latest_checkpoint
 from hypersort_core.config import TrainConfig
 from hypersort_core.data import PreparedData, prepare_cases, read_dataset, select_labels
+from hypersort_core.device import autocast_for, resolve_device, use_precision
 from hypersort_core.model import HyperSORT
-from hypersort_core.train import CONFIG_NAME, autocast_for, read_config, resolve_device, run_cache_dir
+from hypersort_core.run_folder import CONFIG_NAME, read_config, run_cache_dir
 
 
 @dataclass
@@ -29,6 +30,7 @@ class Run:
     def case_ids(self) -> list[str]:
         return self.model.case_ids
 
+    @property
     def latents(self) -> np.ndarray:
         """The learned latents [N, latent_dim], in case_ids order."""
         return self.model.latents.weight.detach().float().cpu().numpy()
@@ -36,7 +38,7 @@ class Run:
     def latent_of(self, case_id: str) -> np.ndarray:
         if case_id not in self.case_ids:
             raise KeyError(f"{case_id!r} is not a training case of {self.run_dir}")
-        return self.latents()[self.case_ids.index(case_id)]
+        return self.latents[self.case_ids.index(case_id)]
 
     def prepared(self, data: Path | None = None, progress: bool = False) -> PreparedData:
         """A dataset preprocessed exactly as the training cases were (the run's cache is reused)."""
@@ -56,7 +58,7 @@ class Run:
         """Softmax [B, C, *spatial] of `logits`."""
         return self.logits(images, latent).softmax(dim=1)
 
-    def segment(self, image: np.ndarray, latent: np.ndarray | torch.Tensor) -> np.ndarray:
+    def segment_prepared(self, image: np.ndarray, latent: np.ndarray | torch.Tensor) -> np.ndarray:
         """Class map of one preprocessed image [X, Y, Z] (sides divisible by the UNet's size multiple)."""
         probabilities = self.probabilities(torch.from_numpy(np.array(image, dtype=np.float32))[None, None], latent)
         return probabilities[0].argmax(dim=0).to(torch.uint8).cpu().numpy()
@@ -69,6 +71,7 @@ def load_run(run_dir: Path | str, device: str = "auto") -> Run:
         raise FileNotFoundError(f"{run_dir}: not a run folder (no {CONFIG_NAME})")
     config, data = read_config(run_dir)
     device = resolve_device(device)
+    use_precision(config.precision, device)
     payload, _ = load_latest_checkpoint(run_dir, map_location=device)
     model = HyperSORT(config.model, payload["case_ids"]).to(device)
     model.load_state_dict(payload["model"])

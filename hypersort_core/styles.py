@@ -7,13 +7,26 @@ as coordinates.
 """
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from hypersort_core.analysis import find_clusters
 from hypersort_core.config import ConfigError
-from hypersort_core.evaluate import CLUSTERS_NAME, read_clusters_csv
+from hypersort_core.data import DataError
 from hypersort_core.run import Run
+from hypersort_core.run_folder import CLUSTERS_NAME
+
+
+@dataclass
+class Style:
+    """One annotation style: a cluster of latents, and the latent whose UNet draws that style."""
+
+    cluster: int
+    size: int
+    latent: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -81,3 +94,29 @@ def cluster_latent(run: Run, cluster: int) -> NamedLatent:
 def cluster_name(cluster: int) -> str:
     """The name of a cluster's outputs, e.g. the folder cluster_2/ of `hsort predict --all-clusters`."""
     return f"cluster_{cluster}"
+
+def read_clusters_csv(path: Path) -> list[Style]:
+    """The clusters `hsort analyze` found: columns cluster, size and the centroid z0..z{d-1}."""
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or not {"cluster", "size", "z0"} <= set(rows[0]):
+        raise DataError(path, "needs a row per cluster with columns cluster, size and z0..z{d-1}")
+    dims = sorted((key for key in rows[0] if key[:1] == "z" and key[1:].isdigit()), key=lambda key: int(key[1:]))
+    return [Style(int(row["cluster"]), int(row["size"]), np.array([float(row[key]) for key in dims])) for row in rows]
+
+
+def fit_styles(latents: np.ndarray) -> list[Style]:
+    """The clusters `hsort analyze` would find (its mixture, K by BIC); the centroids are the styles."""
+    clustering = find_clusters(latents)
+    return [Style(k, int(size), centroid) for k, (size, centroid) in enumerate(zip(clustering.sizes, clustering.centroids))]
+
+
+def run_styles(run: Run) -> list[Style]:
+    """The run's clusters.csv when `hsort analyze` wrote one, else a mixture fitted here."""
+    clusters = run.run_dir / CLUSTERS_NAME
+    if not clusters.is_file():
+        return fit_styles(run.latents)
+    styles = read_clusters_csv(clusters)
+    if any(len(style.latent) != run.config.model.latent_dim for style in styles):
+        raise DataError(clusters, f"holds centroids of another dimension than this run's {run.config.model.latent_dim}-D latents")
+    return styles

@@ -3,7 +3,7 @@
 Two Adam optimizers, as in the reference code: one for the hyper-network, one
 (sparse, so only the cases in a batch move) for the latents.  Batches hold
 several cases, each segmented by the UNet of its own latent.  Under torchrun,
-several processes share each batch (distributed.py; _train_step says how their
+several processes share each batch (distributed.py; train_step says how their
 gradients add up).  Ctrl-C, SIGTERM and the time budget stop at a step boundary
 and leave a checkpoint to resume from.
 Faults cost as little as they can: a NaN or Inf loss skips its step (and a run
@@ -13,23 +13,20 @@ whose cache becomes unreadable is reported and left out.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from hypersort_core import __version__
-from hypersort_core.atomic import atomic_write_text
 from hypersort_core.checkpoint import (
     CHECKPOINT_NAME,
     NO_SPACE_ERRNOS,
@@ -50,26 +47,27 @@ from hypersort_core.config import ConfigError, TrainConfig
 from hypersort_core.data import (
     DataError,
     PreparedData,
+    ReadableCases,
     TrainingSet,
+    collate_readable,
     default_cache_dir,
     fill_cache,
     prepare_cases,
     read_dataset,
     select_labels,
 )
-from hypersort_core.data.cache import check_array
+from hypersort_core.device import autocast_for, resolve_device, use_precision
 from hypersort_core.distributed import World, derived_seed, joined
 from hypersort_core.faults import os_error_of
 from hypersort_core.latents import plot_latent_map, write_latents_csv
 from hypersort_core.log import plot_progress, write_log_csv
 from hypersort_core.loss import hypersort_loss
 from hypersort_core.model import HyperSORT, plain_unet
+from hypersort_core.run_folder import CONFIG_NAME, run_cache_dir, write_config
 
-CONFIG_NAME = "config.json"
 SUM_KEYS = ("loss", "cross_entropy", "dice", "latent_l1")
 MAX_NONFINITE_IN_A_ROW = 5  # skipped NaN/Inf steps in a row that mean training has diverged
 LOADER_SEED = 1  # keeps the DataLoader's seeds apart from the process's own
-UNREADABLE = (OSError, ValueError, EOFError)  # what numpy raises for a missing, truncated or overwritten .npy
 
 
 class TrainingDiverged(ConfigError):
@@ -87,22 +85,8 @@ class FitResult:
     signal: int | None = None  # with stopped == "interrupted": the signal that asked for the stop (SIGINT, SIGTERM)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for, but PyTorch sees no CUDA device")
-    return torch.device(name)
 
 
-def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA by default; TF32 when asked for; plain float32 on the CPU."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
-    return contextlib.nullcontext()
 
 
 def estimated_step_seconds(config: TrainConfig) -> float:
@@ -166,22 +150,10 @@ def _say(message: str) -> None:
         sys.stderr.flush()
 
 
-def write_config(run_dir: Path, config: TrainConfig, data: Path, case_ids: list[str], cache: Path | None = None) -> None:
-    # Absolute, so that later commands find the dataset (and its prepared cases) from any working directory.
-    cache = Path(cache or default_cache_dir()).resolve()
-    payload = {"version": __version__, "data": str(Path(data).resolve()), "cache": str(cache), **config.to_dict(), "cases": case_ids}
-    atomic_write_text(run_dir / CONFIG_NAME, json.dumps(payload, indent=2) + "\n")
 
 
-def read_config(run_dir: Path) -> tuple[TrainConfig, Path]:
-    """The settings and dataset path a run folder was made with."""
-    payload = json.loads((run_dir / CONFIG_NAME).read_text())
-    return TrainConfig.from_dict(payload), Path(payload["data"])
 
 
-def run_cache_dir(run_dir: Path) -> Path:
-    """The cache a run's cases were prepared in (the default cache for runs that did not record one)."""
-    return Path(json.loads((Path(run_dir) / CONFIG_NAME).read_text()).get("cache") or default_cache_dir())
 
 
 def prepare_data(data: Path, config: TrainConfig, cache_dir: Path, world: World = World(), progress: bool = True) -> tuple[PreparedData, TrainConfig]:
@@ -278,6 +250,7 @@ def _fit(world: World, data: Path, run_dir: Path, config: TrainConfig, resume: b
     if not resume and not overwrite and any(path.exists() for path in checkpoint_paths(run_dir)):
         raise ConfigError(f"{run_dir} already holds a run: --resume continues it, --overwrite starts it again")
     device = world.device(config.device)
+    use_precision(config.precision, device)
     payload = _resume_payload(run_dir, world) if resume else None
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -297,10 +270,10 @@ def _fit(world: World, data: Path, run_dir: Path, config: TrainConfig, resume: b
     _seed_this_process(payload, state, config, world)
     if payload and state.processes != world.size:
         _continue_with_other_process_count(state, config, world)
+    trainer = Trainer(model, optimizers, config, device, world, world.synchronized(model.hypernet, device))
     stop = _StopFlag()
     with _full_disk_is_a_clear_error(run_dir):
-        stopped = _train(model, optimizers, state, TrainingSet(prepared, config.augmentation()), config, device, run_dir, progress, world,
-                         stop=stop, prepare_again=prepared.prepare_again)
+        stopped = train(trainer, state, TrainingSet(prepared, config.augmentation()), run_dir, progress, stop, prepared.prepare_again)
     unreadable = [DataError(case_ids[index], "its cache became unreadable during training; left out from then on") for index in state.unreadable_cases]
     return FitResult(run_dir, case_ids, state.epoch, stopped, prepared.bad + unreadable, prepared.cache_dir, stop.signum)
 
@@ -329,74 +302,130 @@ def _continue_with_other_process_count(state: TrainingState, config: TrainConfig
     state.processes = world.size
 
 
-def _train(model, optimizers, state, training_set, config, device, run_dir, progress, world: World, stop=None, prepare_again=None) -> str | None:
-    """prepare_again(index): prepares a case whose cache entry is found damaged again (None when that worked, else the problem)."""
-    autocast = autocast_for(config.precision, device)
-    hypernet = world.synchronized(model.hypernet, device)
-    stop = stop or _StopFlag()
-    prepared_again: set[int] = set()  # each case is prepared again once at most
-    started = time.monotonic() - state.elapsed_seconds
-    budget = None if config.max_minutes is None else config.max_minutes * 60
+@dataclass
+class Trainer:
+    """What every training step works with: the model, its two optimizers, the settings, where it runs.
 
-    def checkpoint() -> None:
-        """Every process's random state into rank 0's checkpoint; once this returns, the file is on disk."""
-        state.elapsed_seconds = time.monotonic() - started
-        rng = world.gather(rng_state())
-        if world.is_main:
-            _check_run_folder(run_dir)
-            save_checkpoint(run_dir, model, optimizers, state, rng)
-        world.barrier()
+    `hypernet` is the hyper-network as the processes share it (DistributedDataParallel under torchrun);
+    by default the model's own."""
 
-    def save_progress() -> None:
-        checkpoint()
-        if world.is_main:
-            write_epoch_outputs(run_dir, model, state)
+    model: HyperSORT
+    optimizers: dict[str, torch.optim.Optimizer]
+    config: TrainConfig
+    device: torch.device
+    world: World = field(default_factory=World)
+    hypernet: torch.nn.Module | None = None
 
+    def __post_init__(self) -> None:
+        self.hypernet = self.hypernet or self.model.hypernet
+        self.autocast = autocast_for(self.config.precision, self.device)
+
+
+def train(trainer: Trainer, state: TrainingState, training_set: TrainingSet, run_dir: Path, progress: bool, stop: _StopFlag,
+          prepare_again: Callable[[int], str | None] | None = None) -> str | None:
+    """Train epoch after epoch until the last; returns why it stopped before ("interrupted", "time budget"), or None.
+
+    prepare_again(index): prepares a case whose cache entry is found damaged again (None when that worked, else the problem)."""
+    clock = _Clock(state.elapsed_seconds, trainer.config.max_minutes)
+    writer = _RunFolderWriter(run_dir, trainer, state, clock)
+    unreadable = _UnreadableCases(prepare_again, report=trainer.world.is_main)
     with stop.installed():
-        while state.epoch < config.epochs:
-            if not state.epoch_order:
-                _start_epoch(state, len(training_set), config.seed)
-            global_batches = _global_batches(state, config.batch_size * world.size)
-            # Each process takes its share of every batch (the shares differ in size by at most one case).
-            shares = [np.array_split(batch, world.size)[world.rank].tolist() for batch in global_batches]
-            # The loader's own generator keeps the global RNG (saved in checkpoints) untouched by resuming.
-            loader = DataLoader(
-                _SkipsUnreadableCases(training_set),
-                batch_sampler=shares,
-                num_workers=config.workers,
-                generator=torch.Generator().manual_seed(world.seed(config.seed, state.epoch, LOADER_SEED)),
-                collate_fn=_collate_readable,
-                pin_memory=device.type == "cuda",  # page-locked batches: the copies to the GPU overlap compute
-            )
-            total = state.step_in_epoch + len(global_batches)
-            bar = tqdm(loader, total=total, initial=state.step_in_epoch, desc=f"epoch {state.epoch + 1}/{config.epochs}", disable=not progress, leave=False)
-            for batch, global_batch in zip(bar, global_batches):
-                over_budget = budget is not None and time.monotonic() - started > budget
-                step = _train_step(model, optimizers, batch, config, device, autocast, hypernet, world, global_batch, (stop.requested, over_budget))
-                _leave_out_unreadable(state, step.unreadable, report=world.is_main, prepare_again=prepare_again, prepared_again=prepared_again)
-                if step.cases:
-                    _record_step(state, step, report=world.is_main)
-                    bar.set_postfix(loss=f"{step.loss:.4f}", latent=f"{_mean_latent_norm(model):.4f}")
-                state.step_in_epoch += 1
-                state.cases_done_in_epoch += len(global_batch)
-                if state.skipped_in_a_row >= MAX_NONFINITE_IN_A_ROW:
-                    bar.close()
-                    state.skipped_in_a_row = 0  # a resumed run gets a fresh allowance
-                    save_progress()  # skipped steps never changed the model: this is the last good state
-                    raise _diverged(state, run_dir)
-                if step.stop:
-                    bar.close()
-                    save_progress()
-                    return step.stop
-            bar.close()
-            _finish_epoch(model, state, total, time.monotonic() - started, progress)
-            if world.is_main:
-                write_epoch_outputs(run_dir, model, state)
-            if state.epoch % config.checkpoint_every == 0 or state.epoch == config.epochs:
-                checkpoint()
+        while state.epoch < trainer.config.epochs:
+            stopped = train_epoch(trainer, state, training_set, writer, unreadable, stop, clock, progress)
+            if stopped:
+                return stopped
         if stop.requested:  # a signal during the last epoch's outputs: the checkpoint is written, nothing more runs
             return "interrupted"
     return None
+
+
+def train_epoch(trainer: Trainer, state: TrainingState, training_set: TrainingSet, writer: _RunFolderWriter, unreadable: _UnreadableCases,
+                stop: _StopFlag, clock: _Clock, progress: bool) -> str | None:
+    """The rest of the current epoch (all of it unless resumed mid-epoch), then its log row, outputs and checkpoint."""
+    config, world = trainer.config, trainer.world
+    if not state.epoch_order:
+        _start_epoch(state, len(training_set), config.seed)
+    global_batches = _global_batches(state, config.batch_size * world.size)
+    total = state.step_in_epoch + len(global_batches)
+    bar = tqdm(_epoch_loader(trainer, state, training_set, global_batches), total=total, initial=state.step_in_epoch,
+               desc=f"epoch {state.epoch + 1}/{config.epochs}", disable=not progress, leave=False)
+    with contextlib.closing(bar):
+        for batch, global_batch in zip(bar, global_batches):
+            step = train_step(trainer, batch, global_batch, (stop.requested, clock.over_budget()))
+            unreadable.leave_out(state, step.unreadable)
+            if step.cases:
+                _record_step(state, step, report=world.is_main)
+                bar.set_postfix(loss=f"{step.loss:.4f}", latent=f"{_mean_latent_norm(trainer.model):.4f}")
+            state.step_in_epoch += 1
+            state.cases_done_in_epoch += len(global_batch)
+            if state.skipped_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                state.skipped_in_a_row = 0  # a resumed run gets a fresh allowance
+                writer.save_progress()  # skipped steps never changed the model: this is the last good state
+                raise _diverged(state, writer.run_dir)
+            if step.stop:
+                writer.save_progress()
+                return step.stop
+    _finish_epoch(trainer.model, state, total, clock.elapsed(), progress)
+    if world.is_main:
+        write_epoch_outputs(writer.run_dir, trainer.model, state)
+    if state.epoch % config.checkpoint_every == 0 or state.epoch == config.epochs:
+        writer.checkpoint()
+    return None
+
+
+def _epoch_loader(trainer: Trainer, state: TrainingState, training_set: TrainingSet, global_batches: list[list[int]]) -> DataLoader:
+    """This process's share of every batch (the shares differ in size by at most one case), loaded in workers."""
+    world = trainer.world
+    shares = [np.array_split(batch, world.size)[world.rank].tolist() for batch in global_batches]
+    return DataLoader(
+        ReadableCases(training_set),
+        batch_sampler=shares,
+        num_workers=trainer.config.workers,
+        # The loader's own generator keeps the global RNG (saved in checkpoints) untouched by resuming.
+        generator=torch.Generator().manual_seed(world.seed(trainer.config.seed, state.epoch, LOADER_SEED)),
+        collate_fn=collate_readable,
+        pin_memory=trainer.device.type == "cuda",  # page-locked batches: the copies to the GPU overlap compute
+    )
+
+
+class _Clock:
+    """Training time, counting the earlier sessions of a resumed run, against the --max-minutes budget."""
+
+    def __init__(self, elapsed_before: float, max_minutes: float | None) -> None:
+        self.started = time.monotonic() - elapsed_before
+        self.budget = None if max_minutes is None else max_minutes * 60
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def over_budget(self) -> bool:
+        return self.budget is not None and self.elapsed() > self.budget
+
+
+@dataclass
+class _RunFolderWriter:
+    """Checkpoints and per-epoch outputs: rank 0 writes, every process takes part."""
+
+    run_dir: Path
+    trainer: Trainer
+    state: TrainingState
+    clock: _Clock
+
+    def checkpoint(self) -> None:
+        """Every process's random state into rank 0's checkpoint; once this returns, the file is on disk."""
+        world = self.trainer.world
+        self.state.elapsed_seconds = self.clock.elapsed()
+        rng = world.gather(rng_state())
+        if world.is_main:
+            _check_run_folder(self.run_dir)
+            save_checkpoint(self.run_dir, self.trainer.model, self.trainer.optimizers, self.state, rng)
+        world.barrier()
+
+    def save_progress(self) -> None:
+        """A checkpoint and the per-epoch files, when training stops mid-epoch."""
+        self.checkpoint()
+        if self.trainer.world.is_main:
+            write_epoch_outputs(self.run_dir, self.trainer.model, self.state)
 
 
 def _start_epoch(state: TrainingState, n_cases: int, seed: int) -> None:
@@ -430,18 +459,19 @@ class StepResult:
         return self.terms["loss"]
 
 
-def _train_step(model, optimizers, batch, config, device, autocast, hypernet=None, world: World = World(), global_batch=None, stop_flags=(False, False)) -> StepResult:
+def train_step(trainer: Trainer, batch: dict, global_batch: list[int] | None = None, stop_flags: tuple[bool, bool] = (False, False)) -> StepResult:
     """One optimizer step of all processes on their shares of a batch; a NaN or Inf loss anywhere takes none.
 
     Each process weighs its mean loss by its share of the batch (times the number of processes, which
     DistributedDataParallel divides by again), so the gradients are those of the whole batch's mean loss,
-    exactly as one process with the whole batch would compute them.
+    exactly as one process with the whole batch would compute them.  global_batch: the case indices of
+    the whole batch (default: this process's); stop_flags: (interrupted, over budget) in this process.
     """
-    hypernet = hypernet or model.hypernet
-    image, label, latent = _inputs(model, batch, config, device)
-    with autocast:
-        logits = model.segment(image, hypernet(latent))
-    terms = hypersort_loss(logits, label, latent, config.l1)
+    model, world, device = trainer.model, trainer.world, trainer.device
+    image, label, latent = _inputs(model, batch, trainer.config, device)
+    with trainer.autocast:
+        logits = model.segment(image, trainer.hypernet(latent))
+    terms = hypersort_loss(logits, label, latent, trainer.config.l1)
     local = len(batch["index"])
     unreadable_here = batch.get("unreadable", [])
     counts = [local, len(unreadable_here), *stop_flags]
@@ -451,7 +481,7 @@ def _train_step(model, optimizers, batch, config, device, autocast, hypernet=Non
     summed = world.sum(torch.cat([torch.tensor(counts, dtype=torch.float64, device=device), sums])).tolist()
     cases, unreadable_anywhere, interrupted, over_budget = (int(value) for value in summed[:4])
     unreadable = [item for items in world.gather(unreadable_here) for item in items] if unreadable_anywhere else []
-    for optimizer in optimizers.values():
+    for optimizer in trainer.optimizers.values():
         optimizer.zero_grad(set_to_none=True)
     stepped = cases > 0 and math.isfinite(summed[4])
     if stepped:
@@ -459,7 +489,7 @@ def _train_step(model, optimizers, batch, config, device, autocast, hypernet=Non
         lost = {index for index, _ in unreadable}
         rows = batch["index"].tolist() if global_batch is None else global_batch
         _share_latent_gradients(model, sorted(set(rows) - lost), world)
-        for optimizer in optimizers.values():
+        for optimizer in trainer.optimizers.values():
             optimizer.step()
     means = {key: total / cases if cases else math.nan for key, total in zip(SUM_KEYS, summed[4:])}
     stop = "interrupted" if interrupted else "time budget" if over_budget else None
@@ -483,7 +513,7 @@ def _share_latent_gradients(model: HyperSORT, rows: list[int], world: World) -> 
     A case's latent gets its gradient only in the process whose share holds it; DistributedDataParallel
     would average it with the others' zeros and shrink it by the number of processes.  Instead each
     process adds its rows into one [rows, d] block, the blocks are summed, and the sum is divided by the
-    number of processes once (the loss weighting in _train_step multiplied it in).
+    number of processes once (the loss weighting in train_step multiplied it in).
     """
     weight = model.latents.weight
     position = torch.tensor(rows, device=weight.device)
@@ -516,63 +546,31 @@ def _diverged(state: TrainingState, run_dir: Path) -> TrainingDiverged:
     )
 
 
-class _SkipsUnreadableCases(Dataset):
-    """The training set, with a case whose cached arrays cannot be read returned as a marker instead of raising,
-    so that one damaged file costs one case and not the run."""
-
-    def __init__(self, training_set: TrainingSet) -> None:
-        self.training_set = training_set
-
-    def __len__(self) -> int:
-        return len(self.training_set)
-
-    def __getitem__(self, index: int) -> dict:
-        try:
-            item = self.training_set[index]
-        except UNREADABLE as error:
-            return {"unreadable": index, "problem": _unreadable_problem(self.training_set.cases[index], error)}
-        if not torch.isfinite(item["image"]).all():  # a prepared volume overwritten with NaN: one skipped step per epoch otherwise
-            case = self.training_set.cases[index]
-            return {"unreadable": index, "problem": f"case {case.case_id}: {case.image_file} holds NaN or infinite values"}
-        return item
-
-
-def _unreadable_problem(case, error: Exception) -> str:
-    """Name the case and the first of its cached files that no longer loads."""
-    files = [path for path in (case.image_file, case.label_file, case.foreground_file) if path is not None]
-    culprit, reason = next(((path, problem) for path in files if (problem := check_array(path))), ("its cache", None))
-    if reason is None:  # numpy's own messages run on (and advise loading untrusted files with allow_pickle): first line only
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).split(". ")[0].splitlines()[0]
-    return f"case {case.case_id}: {culprit} is unreadable ({reason})"
-
-
-def _collate_readable(items: list[dict]) -> dict:
-    """Batch the readable items; list the unreadable ones apart, as (index, problem)."""
-    readable = [item for item in items if "unreadable" not in item]
-    batch = default_collate(readable) if readable else {"index": torch.empty(0, dtype=torch.long)}
-    batch["unreadable"] = [(item["unreadable"], item["problem"]) for item in items if "unreadable" in item]
-    return batch
-
-
-def _leave_out_unreadable(state: TrainingState, unreadable: list[tuple[int, str]], report: bool, prepare_again=None, prepared_again=None) -> None:
+class _UnreadableCases:
     """A case found unreadable is prepared again from its source files, once (every process does, so that all
     keep the same case list); if that fails, or it is found unreadable again, it is reported once and later
     epochs leave it out."""
-    prepared_again = set() if prepared_again is None else prepared_again
-    for index, problem in unreadable:
-        if index in state.unreadable_cases:
-            continue
-        if prepare_again is not None and index not in prepared_again:
-            prepared_again.add(index)
-            failure = prepare_again(index)
-            if failure is None:
-                if report:
-                    _warn(f"{problem}; prepared it again from its source files")
+
+    def __init__(self, prepare_again: Callable[[int], str | None] | None, report: bool) -> None:
+        self.prepare_again = prepare_again
+        self.report = report
+        self.prepared_again: set[int] = set()
+
+    def leave_out(self, state: TrainingState, unreadable: list[tuple[int, str]]) -> None:
+        for index, problem in unreadable:
+            if index in state.unreadable_cases:
                 continue
-            problem = f"{problem}; preparing it again failed ({failure})"
-        state.unreadable_cases.append(index)
-        if report:
-            _warn(f"{problem}; the case is left out of training from now on")
+            if self.prepare_again is not None and index not in self.prepared_again:
+                self.prepared_again.add(index)
+                failure = self.prepare_again(index)
+                if failure is None:
+                    if self.report:
+                        _warn(f"{problem}; prepared it again from its source files")
+                    continue
+                problem = f"{problem}; preparing it again failed ({failure})"
+            state.unreadable_cases.append(index)
+            if self.report:
+                _warn(f"{problem}; the case is left out of training from now on")
 
 
 def _warn(message: str) -> None:

@@ -4,7 +4,6 @@ Run by tests/test_distributed.py, once as one process and once under torchrun wi
 the gradients every step produces: `python distributed_steps.py OUT.pt`.
 """
 import sys
-from contextlib import nullcontext
 from dataclasses import replace
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 from tiny_runs import tiny_config
 
 from hypersort_core.distributed import joined
-from hypersort_core.train import _train_step, build_optimizers, initial_model
+from hypersort_core.train import Trainer, build_optimizers, initial_model, train_step
 
 CASES = 8
 # Global batches: even (2 + 2 per process), uneven (2 + 1), a single case (one process gets none), one whose
@@ -32,11 +31,10 @@ def run(out: str) -> None:
     device = torch.device("cpu")
     with joined("cpu") as world:
         model = initial_model(config, [f"case{i}" for i in range(CASES)], device).double()
-        optimizers = build_optimizers(model, config, device)
-        hypernet = world.synchronized(model.hypernet, device)
+        trainer = Trainer(model, build_optimizers(model, config, device), config, device, world, world.synchronized(model.hypernet, device))
         record = []
         for number, global_batch in enumerate(GLOBAL_BATCHES):
-            step = _train_step(model, optimizers, share_of(number, global_batch, world, images, labels), config, device, nullcontext(), hypernet, world, global_batch)
+            step = train_step(trainer, share_of(number, global_batch, world, images, labels), global_batch)
             record.append({
                 "loss": step.loss,
                 "stepped": step.stepped,

@@ -6,18 +6,20 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
 import pytest
+import torch
 from cli_checks import assert_one_line_error
 from click.testing import CliRunner
 from hypersort_core.cli.analyze import analyze
 
-from hypersort_core.analysis import analyze_run, find_clusters
-from hypersort_core.baselines import scored_roi, segmentation_loss
+from hypersort_core.analysis import find_clusters
 from hypersort_core.config import ConfigError
-from hypersort_core.evaluate import read_clusters_csv
+from hypersort_core.data import scored_roi
 from hypersort_core.latents import latent_scores
+from hypersort_core.loss import segmentation_loss
+from hypersort_core.report import analyze_run
 from hypersort_core.run import load_run
+from hypersort_core.styles import read_clusters_csv
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -101,7 +103,7 @@ def test_ranking_lists_every_case_once_by_the_main_style_loss_with_its_scores(an
 
     assert sorted(row["case"] for row in rows) == sorted(run.case_ids)
     assert [int(row["rank"]) for row in rows] == list(range(1, len(rows) + 1))
-    norm, mean_dist = latent_scores(run.latents())
+    norm, mean_dist = latent_scores(run.latents)
     by_case = dict(zip(run.case_ids, zip(norm, mean_dist)))
     assert [float(row["loss_lambda0"]) for row in rows] == pytest.approx(sorted(analyzed.loss_lambda0, reverse=True), rel=1e-5)
     for row in rows:
@@ -118,7 +120,7 @@ def test_loss_and_dice_compare_the_given_label_with_the_main_style_prediction(an
     case = run.prepared().cases[0]
     image, label = scored_roi(case, run.config.preprocess)
     main_style = np.zeros(run.config.model.latent_dim)
-    prediction = run.segment(image, main_style) > 0
+    prediction = run.segment_prepared(image, main_style) > 0
     given = np.asarray(label) > 0
     dice = 2 * (prediction & given).sum() / (prediction.sum() + given.sum())
     assert analyzed.dice[run.case_ids.index(case.case_id)] == pytest.approx(dice)

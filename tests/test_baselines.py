@@ -9,8 +9,8 @@ import torch
 
 from hypersort_core import baselines
 from hypersort_core.config import ConfigError
-from hypersort_core.data import PreparedCase, PreprocessConfig
-from hypersort_core.loss import hypersort_loss
+from hypersort_core.data import PreparedCase, PreprocessConfig, scored_roi
+from hypersort_core.loss import hypersort_loss, segmentation_loss
 from hypersort_core.run import load_run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -25,7 +25,7 @@ def prepared_run(trained_run, tmp_path):
 def test_the_per_sample_loss_is_hypersorts_segmentation_loss():
     logits = torch.randn(3, 2, 8, 8, 8)
     target = torch.randint(0, 2, (3, 8, 8, 8))
-    per_sample = baselines.segmentation_loss(logits, target)
+    per_sample = segmentation_loss(logits, target)
     for i in range(3):
         alone = hypersort_loss(logits[i : i + 1], target[i : i + 1], torch.zeros(1, 2), l1_weight=1.0)
         assert float(per_sample[i]) == pytest.approx(float(alone.total), rel=1e-5)
@@ -85,9 +85,9 @@ def stored_case(tmp_path, shape) -> PreparedCase:
 def test_random_crop_runs_are_scored_on_the_roi_around_the_label(tmp_path):
     case = stored_case(tmp_path, (20, 16, 16))
     config = PreprocessConfig(roi=(8, 8, 8), crop="random")
-    image, label = baselines.scored_roi(case, config)
+    image, label = scored_roi(case, config)
     assert image.shape == label.shape == (8, 8, 8)
     assert label[4, 4, 4] == 1 and image[4, 4, 4] == case.load_image()[5, 6, 7]
-    stored_image, _ = baselines.scored_roi(case, replace(config, crop="label"))
+    stored_image, _ = scored_roi(case, replace(config, crop="label"))
     assert stored_image.shape == (20, 16, 16)
 

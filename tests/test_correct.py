@@ -20,7 +20,7 @@ def run_correct(*args):
 def analysed_run(trained_run, tmp_path):
     """A copy of the trained run with the clusters.csv and ranking.csv that `hsort analyze` writes."""
     run_dir = shutil.copytree(trained_run, tmp_path / "run")
-    latents = load_run(run_dir).latents()
+    latents = load_run(run_dir).latents
     with open(run_dir / "clusters.csv", "w", newline="") as handle:
         csv.writer(handle).writerows([["cluster", "size", "z0", "z1"], [0, len(latents), *latents.mean(axis=0)]])
     ranking = sorted(load_run(run_dir).case_ids, reverse=True)

@@ -40,7 +40,7 @@ DECISIONS = [  # case, decision, style
 def styled_run(trained_run, tmp_path):
     """A copy of the trained run with a clusters.csv of two styles (what `hsort analyze` writes)."""
     run_dir = shutil.copytree(trained_run, tmp_path / "run")
-    latents = load_run(run_dir).latents()
+    latents = load_run(run_dir).latents
     with open(run_dir / "clusters.csv", "w", newline="") as handle:
         csv.writer(handle).writerows([["cluster", "size", "z0", "z1"], [0, len(latents) - 1, 0.0, 0.0], [1, 1, *(latents[2] * 3)]])
     return run_dir
@@ -104,7 +104,7 @@ def test_a_replaced_label_is_the_styles_prediction_on_the_labels_grid(styled_run
     assert run_curate(styled_run, "--out", out).exit_code == 0
 
     run = load_run(styled_run)
-    for case, latent in (("synth_000", np.zeros(2, np.float32)), ("synth_002", load_run(styled_run).latents()[2] * 3)):
+    for case, latent in (("synth_000", np.zeros(2, np.float32)), ("synth_002", load_run(styled_run).latents[2] * 3)):
         source_image = nib.load(synthetic_dataset / "imagesTr" / f"{case}_0000.nii.gz")
         given = nib.load(synthetic_dataset / "labelsTr" / f"{case}.nii.gz")
         written = nib.load(out / "labelsTr" / f"{case}.nii.gz")

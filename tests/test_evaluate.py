@@ -14,12 +14,12 @@ from hypersort_core.cli.evaluate import evaluate
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
-from hypersort_core.baselines import scored_roi
-from hypersort_core.data import make_synthetic_dataset
-from hypersort_core.evaluate import fit_styles, perturbation_summary
+from hypersort_core.data import make_synthetic_dataset, scored_roi
+from hypersort_core.evaluate import perturbation_summary
 from hypersort_core.latents import latent_scores, read_latents_csv
 from hypersort_core.main_style import main_style_fit, prepared_training_cases
 from hypersort_core.run import load_run
+from hypersort_core.styles import fit_styles
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -135,7 +135,7 @@ def test_a_test_set_is_segmented_by_each_cluster_of_clusters_csv(run, tmp_path):
     loaded = load_run(run, "cpu")
     first = loaded.prepared(test).cases[0]
     image, label = scored_roi(first, loaded.config.preprocess)
-    assert dice[0, 1] == pytest.approx(manual_dice(loaded.segment(image, style_latents[1]), label))
+    assert dice[0, 1] == pytest.approx(manual_dice(loaded.segment_prepared(image, style_latents[1]), label))
 
 
 def test_without_clusters_csv_the_styles_come_from_a_mixture_chosen_by_bic(run, tmp_path):

@@ -20,11 +20,11 @@ import hypersort_core.checkpoint
 import hypersort_core.train
 from hypersort_core.checkpoint import CheckpointError, load_checkpoint
 from hypersort_core.model import HyperSORT
+from hypersort_core.run_folder import read_config
 from hypersort_core.train import (
     MAX_NONFINITE_IN_A_ROW,
     TrainingDiverged,
     fit,
-    read_config,
 )
 
 REAL_SAVE = torch.save

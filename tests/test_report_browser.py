@@ -12,7 +12,7 @@ import pytest
 from dataset_writers import phantom, write_case
 from tiny_runs import tiny_config
 
-from hypersort_core.analysis import analyze_run
+from hypersort_core.report import analyze_run
 from hypersort_core.train import fit
 
 CHROMIUM = shutil.which("chromium")

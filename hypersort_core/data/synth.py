@@ -24,6 +24,7 @@ MIN_SIZE = 16  # smaller phantoms cannot keep an organ through erosion
 DEFAULT_KINDS = ("eroded", "dilated")
 PERTURBATION_COLUMNS = ["case", "kind", "style", "severity", "parameters", "voxels_changed"]
 MAIN_STYLE = "main"
+PERTURBATIONS_NAME = "perturbations.csv"  # the ground truth of the labels made wrong
 
 
 def make_synthetic_dataset(
@@ -67,7 +68,7 @@ def make_synthetic_dataset(
         changed = int(np.count_nonzero(label != anatomy.organ))
         rows.append([case_id, case_kind, case_style, severity, json.dumps(parameters), changed])
     write_dataset_json(out, cases)
-    with open(out / "perturbations.csv", "w", newline="") as file:
+    with open(out / PERTURBATIONS_NAME, "w", newline="") as file:
         csv.writer(file).writerows([PERTURBATION_COLUMNS, *rows])
     return out
 

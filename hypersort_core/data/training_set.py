@@ -1,11 +1,16 @@
-"""Prepared cases as PyTorch training items."""
+"""Prepared cases as PyTorch training items, and the batches training takes of them."""
+
+from dataclasses import replace
 
 import numpy as np
 import torch
+from torch.utils.data import default_collate
 
 from .augment import Augmentation
-from .cache import PreparedCase, PreparedData
-from .preprocess import extract_window
+from .cache import PreparedCase, PreparedData, check_array
+from .preprocess import PreprocessConfig, extract_window, roi_window
+
+UNREADABLE = (OSError, ValueError, EOFError)  # what numpy raises for a missing, truncated or overwritten .npy
 
 FOREGROUND_PROBABILITY = 1 / 3  # share of random crops centred on a foreground voxel
 
@@ -47,3 +52,51 @@ class TrainingSet(torch.utils.data.Dataset):
             voxel = np.unravel_index(int(foreground[torch.randint(len(foreground), ()).item()]), shape)
             return np.clip(np.array(voxel) - self.roi // 2, 0, room)
         return np.array([torch.randint(int(extra) + 1, ()).item() for extra in room])
+
+
+class ReadableCases(torch.utils.data.Dataset):
+    """A training set whose case with unreadable cached arrays is returned as a marker instead of raising,
+    so that one damaged file costs one case and not the run (collate_readable lists the markers apart)."""
+
+    def __init__(self, training_set: TrainingSet) -> None:
+        self.training_set = training_set
+
+    def __len__(self) -> int:
+        return len(self.training_set)
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            item = self.training_set[index]
+        except UNREADABLE as error:
+            return {"unreadable": index, "problem": unreadable_problem(self.training_set.cases[index], error)}
+        if not torch.isfinite(item["image"]).all():  # a prepared volume overwritten with NaN: one skipped step per epoch otherwise
+            case = self.training_set.cases[index]
+            return {"unreadable": index, "problem": f"case {case.case_id}: {case.image_file} holds NaN or infinite values"}
+        return item
+
+
+def unreadable_problem(case: PreparedCase, error: Exception) -> str:
+    """Name the case and the first of its cached files that no longer loads."""
+    files = [path for path in (case.image_file, case.label_file, case.foreground_file) if path is not None]
+    culprit, reason = next(((path, problem) for path in files if (problem := check_array(path))), ("its cache", None))
+    if reason is None:  # numpy's own messages run on (and advise loading untrusted files with allow_pickle): first line only
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).split(". ")[0].splitlines()[0]
+    return f"case {case.case_id}: {culprit} is unreadable ({reason})"
+
+
+def collate_readable(items: list[dict]) -> dict:
+    """Batch the readable items; list the unreadable ones apart, as (index, problem)."""
+    readable = [item for item in items if "unreadable" not in item]
+    batch = default_collate(readable) if readable else {"index": torch.empty(0, dtype=torch.long)}
+    batch["unreadable"] = [(item["unreadable"], item["problem"]) for item in items if "unreadable" in item]
+    return batch
+
+
+def scored_roi(case: PreparedCase, config: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The image and label window a case is judged on: its stored ROI, or for random-crop runs
+    (which store the whole volume) the ROI centred on its label, so every score sees the same voxels."""
+    image, label = case.load_image(), case.load_label()
+    if config.crop != "random":
+        return image, label
+    start, size = roi_window(label, replace(config, crop="label"))
+    return extract_window(image, start, size), extract_window(label, start, size)
