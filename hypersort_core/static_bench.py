@@ -10,9 +10,9 @@ and its wheel ships `cuobjdump`, so the machine code an H100 would run can be re
 2. *Specialise*: Triton's own argument binder turns the arguments into the signature, constexprs and
    divisibility hints a GPU run would compile (integers equal to 1 become constants, pointers and integers
    divisible by 16 get the hint), so the kernel compiled here is the one a GPU run compiles.
-3. *Compile and read*: every distinct specialisation is compiled for the target; `cuobjdump -res-usage` gives
-   registers and local memory (spills: what Triton itself reports as `n_spills`), `cuobjdump -sass` the
-   instructions.  The main loop is the backward branch whose body holds the most tensor-core instructions
+3. *Compile and read*: every distinct specialisation is compiled for the target; the log of the `ptxas -v` run
+   Triton makes gives the spill stores, `cuobjdump -res-usage` the registers and stack frame, `cuobjdump -sass`
+   the instructions.  The main loop is the backward branch whose body holds the most tensor-core instructions
    (HGMMA: wgmma on Hopper, HMMA: mma.sync), or, without any, the longest loop holding FFMAs.
 4. *Bound*: a kernel cannot finish before its SMs have issued its instructions.  Each SM's four schedulers issue
    at most one warp instruction per clock, so
@@ -30,6 +30,7 @@ GPU can only be slower than it.  The device figures (`DEVICES`) are the vendors'
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
@@ -266,7 +267,8 @@ class Compiled:
     """What the machine code of one specialisation says."""
 
     registers: int
-    spill_bytes: int
+    spill_bytes: int  # ptxas's spill stores per thread
+    stack_bytes: int  # the stack frame, where spills live
     shared_bytes: int
     num_warps: int
     sass: str = field(repr=False)
@@ -301,19 +303,24 @@ def _resource_usage(cubin: Path) -> dict[str, int]:
 
 
 def _compile(launch: Launch, specialisation: tuple, target, workdir: Path) -> Compiled:
-    """Compile one specialisation for the target and read its registers, local memory and instructions."""
+    """Compile one specialisation for the target, keeping the log of the ptxas run Triton makes (`-v`), and
+    read its registers, spills, stack and instructions."""
     import triton
     from triton.compiler import ASTSource
 
     signature, constexprs, attrs, options = specialisation
+    log = io.StringIO()
     started = time.perf_counter()
-    compiled = triton.compile(ASTSource(launch.kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
+    with _environment_variable("TRITON_DUMP_PTXAS_LOG", "1"), contextlib.redirect_stdout(log):
+        compiled = triton.compile(ASTSource(launch.kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
     seconds = time.perf_counter() - started
+    spills = re.search(r"(\d+) bytes spill stores", log.getvalue())
     cubin = workdir / f"{compiled.hash}.cubin"
     cubin.write_bytes(compiled.asm["cubin"])
     usage = _resource_usage(cubin)
     sass = subprocess.run([_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True, check=True).stdout
-    return Compiled(usage["REG"], usage.get("LOCAL", 0), compiled.metadata.shared, compiled.metadata.num_warps, sass, seconds)
+    return Compiled(usage["REG"], int(spills.group(1)) if spills else usage.get("LOCAL", 0), usage.get("STACK", 0),
+                    compiled.metadata.shared, compiled.metadata.num_warps, sass, seconds)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,12 +397,10 @@ def _cdiv(a: int, b: int) -> int:
 
 
 TRIP_COUNTS: dict[str, Callable[[dict], int]] = {
-    "_per_sample_conv3d_forward_kernel":
-        lambda a: _cdiv(a["KD"] * a["KH"] * a["KW"] * a["C_IN"], a["BLOCK_K"]),
-    "_per_sample_conv_transpose3d_forward_kernel":
-        lambda a: _cdiv(_cdiv(a["KD"], a["SD"]) * _cdiv(a["KH"], a["SH"]) * _cdiv(a["KW"], a["SW"]) * a["C_IN"], a["BLOCK_K"]),
-    "_per_sample_conv3d_weight_grad_kernel":
-        lambda a: _cdiv(a["ROWS_PER_SPLIT"], a["BLOCK_M"]),
+    "_per_sample_conv3d_forward_kernel": lambda a: a["KD"] * a["KH"],  # one trip per (kd, kh)
+    "_per_sample_conv_transpose3d_forward_kernel":  # one trip per live (kd, kh) of a phase
+        lambda a: _cdiv(a["KD"], a["SD"]) * _cdiv(a["KH"], a["SH"]),
+    "_per_sample_conv3d_weight_grad_kernel": lambda a: _cdiv(a["ROWS_PER_SPLIT"], a["BLOCK_M"]),
     "_hyper_head_forward_kernel": lambda a: a["B"],
     "_hyper_head_backward_kernel": lambda a: a["B"],
 }
@@ -444,6 +449,7 @@ def launch_row(launch: Launch, compiled: Compiled, loop: LoopProfile, device: De
         "programs": launch.programs,
         "blocks": {k: constexprs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_P", "BLOCK_H", "BLOCK_C") if k in constexprs},
         "num_warps": compiled.num_warps, "registers": compiled.registers, "spill_bytes": compiled.spill_bytes,
+        "stack_bytes": compiled.stack_bytes,
         "shared_bytes": compiled.shared_bytes, "tensor_instruction": loop.tensor_instruction,
         "tensor_per_iteration": loop.categories["tensor"], "loop_instructions": loop.instructions,
         "loop_categories": loop.categories,
@@ -505,18 +511,25 @@ def static_settings(arch: str = "sm_90", preset: str | None = None, size: int | 
 
 
 @contextlib.contextmanager
+def _environment_variable(name: str, value: str) -> Iterator[None]:
+    """os.environ[name] = value inside the block (Triton reads its knobs from the environment), restored after."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
+@contextlib.contextmanager
 def _fresh_triton_cache() -> Iterator[Path]:
     """A Triton cache of its own, so that compile times are those of a first run and nothing is reused."""
-    previous = os.environ.get("TRITON_CACHE_DIR")
-    with tempfile.TemporaryDirectory(prefix="hsort-static-") as directory:
-        os.environ["TRITON_CACHE_DIR"] = str(Path(directory) / "cache")
-        try:
-            yield Path(directory)
-        finally:
-            if previous is None:
-                os.environ.pop("TRITON_CACHE_DIR", None)
-            else:
-                os.environ["TRITON_CACHE_DIR"] = previous
+    with tempfile.TemporaryDirectory(prefix="hsort-static-") as directory, \
+            _environment_variable("TRITON_CACHE_DIR", str(Path(directory) / "cache")):
+        yield Path(directory)
 
 
 def _environment() -> dict:
