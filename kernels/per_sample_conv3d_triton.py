@@ -97,7 +97,8 @@ def _store_output_tile(acc, bias_ptr, y_ptr, pid_b, od, oh, ow, cols, row_ok, co
 @triton.jit
 def _per_sample_conv3d_forward_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr,
-    D_IN, H_IN, W_IN, D_OUT, H_OUT, W_OUT,
+    D_IN: tl.constexpr, H_IN: tl.constexpr, W_IN: tl.constexpr,
+    D_OUT: tl.constexpr, H_OUT: tl.constexpr, W_OUT: tl.constexpr,
     stride_xb, stride_xd, stride_xh, stride_xw,
     stride_wb, stride_bb,
     stride_yb, stride_yd, stride_yh, stride_yw,
@@ -141,7 +142,8 @@ def _per_sample_conv3d_forward_kernel(
 @triton.jit
 def _per_sample_conv_transpose3d_forward_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr,
-    D_IN, H_IN, W_IN, D_OUT, H_OUT, W_OUT,
+    D_IN: tl.constexpr, H_IN: tl.constexpr, W_IN: tl.constexpr,
+    D_OUT: tl.constexpr, H_OUT: tl.constexpr, W_OUT: tl.constexpr,
     stride_xb, stride_xd, stride_xh, stride_xw,
     stride_wb, stride_bb,
     stride_yb, stride_yd, stride_yh, stride_yw,
@@ -215,7 +217,8 @@ def _per_sample_conv_transpose3d_forward_kernel(
 @triton.jit
 def _per_sample_conv3d_weight_grad_kernel(
     g_ptr, x_ptr, partial_w_ptr, partial_b_ptr,
-    D_G, H_G, W_G, D_X, H_X, W_X,
+    D_G: tl.constexpr, H_G: tl.constexpr, W_G: tl.constexpr,
+    D_X: tl.constexpr, H_X: tl.constexpr, W_X: tl.constexpr,
     stride_gb, stride_gd, stride_gh, stride_gw,
     stride_xb, stride_xd, stride_xh, stride_xw,
     ROWS_PER_SPLIT, SPLITS,
@@ -228,36 +231,36 @@ def _per_sample_conv3d_weight_grad_kernel(
 ):
     """partial_w[b, split, k, n] = sum over this split's voxels m of im2col(x[b])[m, k] * g[b, m, n].
 
-    g lives on the conv's output grid, x on its input grid, k = (tap, c) with c innermost.  The K tile is
-    the dot's M (>= 64, so Hopper's wgmma applies whatever Cout is), and its columns' taps and offsets are
-    decomposed once per program.  With SUM_ROWS the K-tile-0 programs also write partial_b[b, split, n] =
+    g lives on the conv's output grid, x on its input grid, k = (kd, kh, kw, c) with c innermost.  A program
+    owns one chunk of one (kd, kh) slab's run of KW x C_X columns (contiguous in channels-last memory, as in
+    the forward kernels) and sweeps its split's voxels; the K chunk is the dot's M (>= 64, so Hopper's wgmma
+    applies whatever Cout is).  With SUM_ROWS the first chunk's programs also write partial_b[b, split, n] =
     sum_m g[b, m, n], the conv's bias gradient, from the tiles they load anyway.
     """
     pid_nk = tl.program_id(0)
     pid_bs = tl.program_id(1)
-    K: tl.constexpr = KD * KH * KW * C_X
-    K_BLOCKS: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
-    pid_n = pid_nk // K_BLOCKS
-    pid_k = pid_nk % K_BLOCKS
+    RUN_K: tl.constexpr = KW * C_X
+    CHUNKS: tl.constexpr = (RUN_K + BLOCK_K - 1) // BLOCK_K
+    pid_n = pid_nk // (KD * KH * CHUNKS)
+    slab = (pid_nk // CHUNKS) % (KD * KH)
+    chunk = pid_nk % CHUNKS
+    kd = slab // KH
+    kh = slab % KH
     pid_b = (pid_bs // SPLITS).to(tl.int64)
     split = pid_bs % SPLITS
 
     ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = ns < C_G
-    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_ok = ks < K
-    c = ks % C_X
-    tap = ks // C_X
-    kd = tap // (KH * KW)
-    kh = (tap // KW) % KH
-    kw = tap % KW
-    col_offsets = kd * stride_xd + kh * stride_xh + kw * stride_xw + c
+    run_ks = chunk * BLOCK_K + tl.arange(0, BLOCK_K)  # column of the slab's run: kw * C_X + c
+    k_ok = run_ks < RUN_K
+    kw = run_ks // C_X
+    col_offsets = kw * stride_xw + run_ks % C_X
     M = D_G * H_G * W_G
     g_base = g_ptr + pid_b * stride_gb
     x_base = x_ptr + pid_b * stride_xb
 
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    row_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    g_sum = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # summed over rows once, after the loop
     first_row = split * ROWS_PER_SPLIT
     for m0 in range(0, ROWS_PER_SPLIT, BLOCK_M):
         rows = first_row + m0 + tl.arange(0, BLOCK_M)
@@ -265,24 +268,24 @@ def _per_sample_conv3d_weight_grad_kernel(
         od, oh, ow = _voxel_coordinates(rows, H_G, W_G)
         g = tl.load(g_base + (od * stride_gd + oh * stride_gh + ow * stride_gw)[:, None] + ns[None, :],
                     mask=row_ok[:, None] & n_ok[None, :], other=0.0)
-        in_d, in_h, in_w = od * SD - PD, oh * SH - PH, ow * SW - PW
-        d = in_d[:, None] + kd[None, :]
-        h = in_h[:, None] + kh[None, :]
-        w = in_w[:, None] + kw[None, :]
-        inside = (d >= 0) & (d < D_X) & (h >= 0) & (h < H_X) & (w >= 0) & (w < W_X)
-        row_offsets = in_d * stride_xd + in_h * stride_xh + in_w * stride_xw
-        a = tl.load(x_base + row_offsets[:, None] + col_offsets[None, :], mask=row_ok[:, None] & k_ok[None, :] & inside,
-                    other=0.0)
+        d = od * SD - PD + kd
+        h = oh * SH - PH + kh
+        w0 = ow * SW - PW
+        ok = row_ok & (d >= 0) & (d < D_X) & (h >= 0) & (h < H_X)
+        w = w0[:, None] + kw[None, :]
+        a = tl.load(x_base + (d * stride_xd + h * stride_xh + w0 * stride_xw)[:, None] + col_offsets[None, :],
+                    mask=ok[:, None] & k_ok[None, :] & (w >= 0) & (w < W_X), other=0.0)
         acc = _dot(tl.trans(a), g, acc, INPUT_PRECISION, UPCAST)
         if SUM_ROWS:
-            row_sum += tl.sum(g.to(tl.float32), axis=0)
+            g_sum += g.to(tl.float32)
 
     partial_base = pid_b * SPLITS + split
-    w_offsets = (partial_base * K + ks)[:, None] * C_G + ns[None, :]
+    ks = slab * RUN_K + run_ks
+    w_offsets = (partial_base * (KD * KH * RUN_K) + ks)[:, None] * C_G + ns[None, :]
     tl.store(partial_w_ptr + w_offsets, acc, mask=k_ok[:, None] & n_ok[None, :])
     if SUM_ROWS:
-        if pid_k == 0:
-            tl.store(partial_b_ptr + partial_base * C_G + ns, row_sum, mask=n_ok)
+        if slab + chunk == 0:
+            tl.store(partial_b_ptr + partial_base * C_G + ns, tl.sum(g_sum, axis=0), mask=n_ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,7 +413,7 @@ def _launch_weight_grad(g: torch.Tensor, x: torch.Tensor, kernel_size: Triple, s
     rows = g_size[0] * g_size[1] * g_size[2]
     block_m, block_k = 64, 64
     block_n = min(max(triton.next_power_of_2(c_g), 16), 64)
-    tiles = triton.cdiv(c_g, block_n) * triton.cdiv(K, block_k)
+    tiles = triton.cdiv(c_g, block_n) * kernel_size[0] * kernel_size[1] * triton.cdiv(kernel_size[2] * c_x, block_k)
     splits = max(1, min(triton.cdiv(rows, block_m), triton.cdiv(_target_programs(g.device), batch * tiles)))
     rows_per_split = triton.cdiv(triton.cdiv(rows, splits), block_m) * block_m
     splits = triton.cdiv(rows, rows_per_split)
