@@ -397,9 +397,10 @@ def _cdiv(a: int, b: int) -> int:
 
 
 TRIP_COUNTS: dict[str, Callable[[dict], int]] = {
-    "_per_sample_conv3d_forward_kernel": lambda a: a["KD"] * a["KH"],  # one trip per (kd, kh)
-    "_per_sample_conv_transpose3d_forward_kernel":  # one trip per live (kd, kh) of a phase
-        lambda a: _cdiv(a["KD"], a["SD"]) * _cdiv(a["KH"], a["SH"]),
+    "_per_sample_conv3d_forward_kernel":  # one trip per chunk of a (kd, kh)'s run of taps along w
+        lambda a: a["KD"] * a["KH"] * _cdiv(a["KW"] * a["C_IN"], a["BLOCK_K"]),
+    "_per_sample_conv_transpose3d_forward_kernel":  # the same over the live taps of a phase
+        lambda a: _cdiv(a["KD"], a["SD"]) * _cdiv(a["KH"], a["SH"]) * _cdiv(_cdiv(a["KW"], a["SW"]) * a["C_IN"], a["BLOCK_K"]),
     "_per_sample_conv3d_weight_grad_kernel": lambda a: _cdiv(a["ROWS_PER_SPLIT"], a["BLOCK_M"]),
     "_hyper_head_forward_kernel": lambda a: a["B"],
     "_hyper_head_backward_kernel": lambda a: a["B"],

@@ -57,31 +57,29 @@ def _dot(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _accumulate_run(acc, x_base, w_slab, row_offsets, ok, w0, W, stride_w, first_tap, k_live, cols, col_ok,
+def _accumulate_run(acc, x_base, w_slab, row_offsets, ok, w0, W, stride_w, first_tap, k0, k_live, cols, col_ok,
                     TAPS: tl.constexpr, TAP_STEP: tl.constexpr, KW: tl.constexpr, C_IN: tl.constexpr,
                     C_OUT: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + one run of taps along w for every row: TAPS x C_IN im2col columns, in chunks of BLOCK_K, times
-    their rows of the weight slab w_slab ([KW, C_IN, C_OUT], the taps of one (kd, kh)).
+    """acc + columns k0 .. k0 + BLOCK_K of one run of taps along w, for every row, times their rows of the
+    weight slab w_slab ([KW, C_IN, C_OUT], the taps of one (kd, kh)).
 
     Along w a run of taps reads consecutive voxels, which channels-last memory holds as one contiguous run of
     TAPS x C_IN values: a row's run is one offset (`row_offsets`, column group 0 at voxel `w0`) plus column
-    offsets that do not change from run to run.  Per row and run there is one offset and the d/h bounds test
+    offsets that do not depend on the row.  Per row and run there is one offset and the d/h bounds test
     (`ok`); per column group the w test.  Column group g (voxel w0 + g) meets weight tap first_tap +
     TAP_STEP * g; columns from `k_live` on (0: the whole run is missing) and taps outside [0, KW) add nothing.
     """
-    for k0 in tl.static_range(0, TAPS * C_IN, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        g = ks // C_IN
-        c = ks % C_IN
-        tap = first_tap + TAP_STEP * g
-        k_ok = (ks < k_live) & (ks < TAPS * C_IN) & (tap >= 0) & (tap < KW)
-        w = w0[:, None] + g[None, :]
-        a = tl.load(x_base + row_offsets[:, None] + (g * stride_w + c)[None, :],
-                    mask=ok[:, None] & k_ok[None, :] & (w >= 0) & (w < W), other=0.0)
-        wt = tl.load(w_slab + (tap * C_IN + c)[:, None] * C_OUT + cols[None, :], mask=k_ok[:, None] & col_ok[None, :],
-                     other=0.0)
-        acc = _dot(a, wt, acc, INPUT_PRECISION, UPCAST)
-    return acc
+    ks = k0 + tl.arange(0, BLOCK_K)
+    g = ks // C_IN
+    c = ks % C_IN
+    tap = first_tap + TAP_STEP * g
+    k_ok = (ks < k_live) & (ks < TAPS * C_IN) & (tap >= 0) & (tap < KW)
+    w = w0[:, None] + g[None, :]
+    a = tl.load(x_base + row_offsets[:, None] + (g * stride_w + c)[None, :],
+                mask=ok[:, None] & k_ok[None, :] & (w >= 0) & (w < W), other=0.0)
+    wt = tl.load(w_slab + (tap * C_IN + c)[:, None] * C_OUT + cols[None, :], mask=k_ok[:, None] & col_ok[None, :],
+                 other=0.0)
+    return _dot(a, wt, acc, INPUT_PRECISION, UPCAST)
 
 
 @triton.jit
@@ -125,14 +123,16 @@ def _per_sample_conv3d_forward_kernel(
     x_base = x_ptr + pid_b * stride_xb
     w_base = w_ptr + pid_b * stride_wb
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for slab in range(KD * KH):  # one trip per (kd, kh): the KW taps along w in one run
+    CHUNKS: tl.constexpr = (KW * C_IN + BLOCK_K - 1) // BLOCK_K
+    for step in range(KD * KH * CHUNKS):  # one trip per chunk of a (kd, kh)'s run of KW taps along w
+        slab = step // CHUNKS
         kd = slab // KH
         kh = slab % KH
         d = in_d + kd
         h = in_h + kh
         ok = row_ok & (d >= 0) & (d < D_IN) & (h >= 0) & (h < H_IN)
         acc = _accumulate_run(acc, x_base, w_base + slab * (KW * C_IN * C_OUT), d * stride_xd + h * stride_xh + in_w * stride_xw,
-                              ok, in_w, W_IN, stride_xw, 0, KW * C_IN, cols, col_ok,
+                              ok, in_w, W_IN, stride_xw, 0, (step % CHUNKS) * BLOCK_K, KW * C_IN, cols, col_ok,
                               KW, 1, KW, C_IN, C_OUT, BLOCK_K, INPUT_PRECISION, UPCAST)
 
     _store_output_tile(acc, bias_ptr, y_ptr, pid_b, od, oh, ow, cols, row_ok, col_ok,
@@ -197,7 +197,9 @@ def _per_sample_conv_transpose3d_forward_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     w0 = base_w - (TW - 1)  # the run's voxels ascend along w while its taps j descend: group g is j = TW - 1 - g
     first_tap = rw + (TW - 1) * SW
-    for slab in range(TD * TH):  # one trip per live (kd, kh) of this phase: its taps along w in one run
+    CHUNKS: tl.constexpr = (TW * C_IN + BLOCK_K - 1) // BLOCK_K
+    for step in range(TD * TH * CHUNKS):  # one trip per chunk of a live (kd, kh)'s run of taps along w
+        slab = step // CHUNKS
         jd = slab // TH
         jh = slab % TH
         td = rd + jd * SD
@@ -207,7 +209,8 @@ def _per_sample_conv_transpose3d_forward_kernel(
         ok = row_ok & (d >= 0) & (d < D_IN) & (h >= 0) & (h < H_IN)
         k_live = tl.where((td < KD) & (th < KH), TW * C_IN, 0)  # 0: this phase lacks the slab
         acc = _accumulate_run(acc, x_base, w_base + (td * KH + th) * (KW * C_IN * C_OUT),
-                              d * stride_xd + h * stride_xh + w0 * stride_xw, ok, w0, W_IN, stride_xw, first_tap, k_live,
+                              d * stride_xd + h * stride_xh + w0 * stride_xw, ok, w0, W_IN, stride_xw, first_tap,
+                              (step % CHUNKS) * BLOCK_K, k_live,
                               cols, col_ok, TW, -SW, KW, C_IN, C_OUT, BLOCK_K, INPUT_PRECISION, UPCAST)
 
     _store_output_tile(acc, bias_ptr, y_ptr, pid_b, od, oh, ow, cols, row_ok, col_ok,
@@ -226,7 +229,7 @@ def _per_sample_conv3d_weight_grad_kernel(
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-    SUM_ROWS: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    FLAT: tl.constexpr, SUM_ROWS: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """partial_w[b, split, k, n] = sum over this split's voxels m of im2col(x[b])[m, k] * g[b, m, n].
@@ -234,15 +237,17 @@ def _per_sample_conv3d_weight_grad_kernel(
     g lives on the conv's output grid, x on its input grid, k = (kd, kh, kw, c) with c innermost.  A program
     owns one chunk of one (kd, kh) slab's run of KW x C_X columns (contiguous in channels-last memory, as in
     the forward kernels) and sweeps its split's voxels; the K chunk is the dot's M (>= 64, so Hopper's wgmma
-    applies whatever Cout is).  With SUM_ROWS the first chunk's programs also write partial_b[b, split, n] =
+    applies whatever Cout is).  With FLAT (a K of at most one tile: the first layer's 27 x 1) one program owns
+    every tap and tests bounds per element.  With SUM_ROWS the first chunk's programs also write partial_b[b, split, n] =
     sum_m g[b, m, n], the conv's bias gradient, from the tiles they load anyway.
     """
     pid_nk = tl.program_id(0)
     pid_bs = tl.program_id(1)
-    RUN_K: tl.constexpr = KW * C_X
+    SLABS: tl.constexpr = 1 if FLAT else KD * KH
+    RUN_K: tl.constexpr = (KD * KH * KW if FLAT else KW) * C_X
     CHUNKS: tl.constexpr = (RUN_K + BLOCK_K - 1) // BLOCK_K
-    pid_n = pid_nk // (KD * KH * CHUNKS)
-    slab = (pid_nk // CHUNKS) % (KD * KH)
+    pid_n = pid_nk // (SLABS * CHUNKS)
+    slab = (pid_nk // CHUNKS) % SLABS
     chunk = pid_nk % CHUNKS
     kd = slab // KH
     kh = slab % KH
@@ -251,10 +256,17 @@ def _per_sample_conv3d_weight_grad_kernel(
 
     ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = ns < C_G
-    run_ks = chunk * BLOCK_K + tl.arange(0, BLOCK_K)  # column of the slab's run: kw * C_X + c
+    run_ks = chunk * BLOCK_K + tl.arange(0, BLOCK_K)  # column of the slab's run: tap * C_X + c
     k_ok = run_ks < RUN_K
-    kw = run_ks // C_X
-    col_offsets = kw * stride_xw + run_ks % C_X
+    col_tap = run_ks // C_X
+    if FLAT:  # every column its own (kd, kh, kw)
+        col_d = col_tap // (KH * KW)
+        col_h = (col_tap // KW) % KH
+        col_w = col_tap % KW
+        col_offsets = col_d * stride_xd + col_h * stride_xh + col_w * stride_xw + run_ks % C_X
+    else:
+        col_w = col_tap
+        col_offsets = col_w * stride_xw + run_ks % C_X
     M = D_G * H_G * W_G
     g_base = g_ptr + pid_b * stride_gb
     x_base = x_ptr + pid_b * stride_xb
@@ -268,20 +280,26 @@ def _per_sample_conv3d_weight_grad_kernel(
         od, oh, ow = _voxel_coordinates(rows, H_G, W_G)
         g = tl.load(g_base + (od * stride_gd + oh * stride_gh + ow * stride_gw)[:, None] + ns[None, :],
                     mask=row_ok[:, None] & n_ok[None, :], other=0.0)
-        d = od * SD - PD + kd
-        h = oh * SH - PH + kh
+        d0 = od * SD - PD + kd
+        h0 = oh * SH - PH + kh
         w0 = ow * SW - PW
-        ok = row_ok & (d >= 0) & (d < D_X) & (h >= 0) & (h < H_X)
-        w = w0[:, None] + kw[None, :]
-        a = tl.load(x_base + (d * stride_xd + h * stride_xh + w0 * stride_xw)[:, None] + col_offsets[None, :],
-                    mask=ok[:, None] & k_ok[None, :] & (w >= 0) & (w < W_X), other=0.0)
+        w = w0[:, None] + col_w[None, :]
+        if FLAT:  # the bounds test per element
+            d = d0[:, None] + col_d[None, :]
+            h = h0[:, None] + col_h[None, :]
+            inside = (row_ok[:, None] & k_ok[None, :]) & (d >= 0) & (d < D_X) & (h >= 0) & (h < H_X)
+        else:  # d and h per row, w per column group
+            ok = row_ok & (d0 >= 0) & (d0 < D_X) & (h0 >= 0) & (h0 < H_X)
+            inside = ok[:, None] & k_ok[None, :]
+        a = tl.load(x_base + (d0 * stride_xd + h0 * stride_xh + w0 * stride_xw)[:, None] + col_offsets[None, :],
+                    mask=inside & (w >= 0) & (w < W_X), other=0.0)
         acc = _dot(tl.trans(a), g, acc, INPUT_PRECISION, UPCAST)
         if SUM_ROWS:
             g_sum += g.to(tl.float32)
 
     partial_base = pid_b * SPLITS + split
     ks = slab * RUN_K + run_ks
-    w_offsets = (partial_base * (KD * KH * RUN_K) + ks)[:, None] * C_G + ns[None, :]
+    w_offsets = (partial_base * (SLABS * RUN_K) + ks)[:, None] * C_G + ns[None, :]
     tl.store(partial_w_ptr + w_offsets, acc, mask=k_ok[:, None] & n_ok[None, :])
     if SUM_ROWS:
         if slab + chunk == 0:
@@ -413,7 +431,9 @@ def _launch_weight_grad(g: torch.Tensor, x: torch.Tensor, kernel_size: Triple, s
     rows = g_size[0] * g_size[1] * g_size[2]
     block_m, block_k = 64, 64
     block_n = min(max(triton.next_power_of_2(c_g), 16), 64)
-    tiles = triton.cdiv(c_g, block_n) * kernel_size[0] * kernel_size[1] * triton.cdiv(kernel_size[2] * c_x, block_k)
+    flat = K <= block_k  # one tile holds every tap: better than a run of KW x C_X padded to 64 for tiny C_X
+    slabs, run_k = (1, K) if flat else (kernel_size[0] * kernel_size[1], kernel_size[2] * c_x)
+    tiles = triton.cdiv(c_g, block_n) * slabs * triton.cdiv(run_k, block_k)
     splits = max(1, min(triton.cdiv(rows, block_m), triton.cdiv(_target_programs(g.device), batch * tiles)))
     rows_per_split = triton.cdiv(triton.cdiv(rows, splits), block_m) * block_m
     splits = triton.cdiv(rows, rows_per_split)
@@ -423,7 +443,7 @@ def _launch_weight_grad(g: torch.Tensor, x: torch.Tensor, kernel_size: Triple, s
         g, x, partial_w, partial_b,
         *g_size, *x_size, *g.stride()[:4], *x.stride()[:4], rows_per_split, splits,
         C_G=c_g, C_X=c_x, **_geometry(kernel_size, stride, padding),
-        SUM_ROWS=bias_grad, INPUT_PRECISION=_precision(x), UPCAST=_upcast(x),
+        FLAT=flat, SUM_ROWS=bias_grad, INPUT_PRECISION=_precision(x), UPCAST=_upcast(x),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=NUM_WARPS,
     )
     dw = partial_w.sum(dim=1).view(batch, *kernel_size, c_x, c_g).permute(0, 5, 4, 1, 2, 3)
