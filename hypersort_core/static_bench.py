@@ -155,6 +155,7 @@ class Launch:
     kwargs: dict = field(repr=False)
     flops: float = 0.0
     bytes: float = 0.0
+    shape: dict | None = None  # the layer's geometry, as `hsort bench` names its layer cases
 
     @property
     def programs(self) -> int:
@@ -213,8 +214,10 @@ def capture_training_step(config: ModelConfig, size: int, batch: int, dtype: str
         first = len(launches)
         labels.update(layer=layer, role=role)
         call()
+        shape = next(({k: v for k, v in asdict(l).items() if k not in ("name", "needs_input_grad")}
+                      for l in layers if l.name == layer), None)
         for launch in launches[first:]:
-            launch.flops, launch.bytes = flops, traffic
+            launch.flops, launch.bytes, launch.shape = flops, traffic, shape
 
     hidden, params = config.hidden[-1], parameter_count(config)
     h, w_head, b_head = meta(batch, hidden, dtype=torch.float32), meta(params, hidden, dtype=torch.float32), meta(params, dtype=torch.float32)
@@ -446,7 +449,7 @@ def launch_row(launch: Launch, compiled: Compiled, loop: LoopProfile, device: De
     blocks = resident_blocks(compiled, device)
     constexprs = _bound_arguments(launch)
     return {
-        "layer": launch.layer, "role": launch.role, "kernel": launch.kernel_name, "grid": list(launch.grid),
+        "layer": launch.layer, "role": launch.role, "shape": launch.shape, "kernel": launch.kernel_name, "grid": list(launch.grid),
         "programs": launch.programs,
         "blocks": {k: constexprs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_P", "BLOCK_H", "BLOCK_C") if k in constexprs},
         "num_warps": compiled.num_warps, "registers": compiled.registers, "spill_bytes": compiled.spill_bytes,

@@ -429,7 +429,7 @@ def _launch_weight_grad(g: torch.Tensor, x: torch.Tensor, kernel_size: Triple, s
     _, *x_size, c_x = x.shape
     K = kernel_size[0] * kernel_size[1] * kernel_size[2] * c_x
     rows = g_size[0] * g_size[1] * g_size[2]
-    block_m, block_k = 64, 64
+    block_m, block_k = 128, 64
     block_n = min(max(triton.next_power_of_2(c_g), 16), 64)
     flat = K <= block_k  # one tile holds every tap: better than a run of KW x C_X padded to 64 for tiny C_X
     slabs, run_k = (1, K) if flat else (kernel_size[0] * kernel_size[1], kernel_size[2] * c_x)
