@@ -5,8 +5,9 @@
 STATIC_JSON is the report of `hsort bench --static` (one batch size), BENCH_JSON the reports of `hsort bench` on
 the GPU.  For every measured row of the batch size the static report bounds, `ours` only: a layer case forward
 (the forward launches of the layers of that shape, per layer) or forward+backward (their forward, input-gradient
-and weight-gradient launches), and the training step (every launch of the step, head included; the measured step
-also runs ReLU, InstanceNorm, the loss and the optimizers, which the bound leaves out).  A measured time can only
+and weight-gradient launches; the measured first layer also computes the input gradient the step does not
+need), and the training step when the static report covers every layer (every launch of the step, head included;
+the measured step also runs ReLU, InstanceNorm, the loss and the optimizers, which the bound leaves out).  A measured time can only
 be above its bound; the ratio says by how much.
 """
 from __future__ import annotations
@@ -35,6 +36,8 @@ def bound_lines(static: dict, bench: dict) -> list[str]:
         device, per_device = next(iter(figures["devices"].items()))
         launches = per_device["rows"]
         if row["section"] == "step":
+            if static["settings"]["layers"] is not None:
+                continue  # the static report covers only some layers: no bound for the whole step
             bound = per_device["totals"]["step_issue_bound_s"]
         elif row["section"] == "layers" and row["mode"] in ROLES:
             matching = [r for r in launches if r["role"] in ROLES[row["mode"]] and _same_shape(r["shape"], shapes[row["case"]])]
@@ -61,7 +64,8 @@ def main(arguments: list[str]) -> int:
     static = json.loads(static_path.read_text())
     for path in bench_paths:
         if path.is_file():
-            print("\n".join(bound_lines(static, json.loads(path.read_text()))))
+            for line in bound_lines(static, json.loads(path.read_text())):
+                print(line)
     return 0
 
 
