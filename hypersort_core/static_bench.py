@@ -404,7 +404,8 @@ TRIP_COUNTS: dict[str, Callable[[dict], int]] = {
         lambda a: a["KD"] * a["KH"] * _cdiv(a["KW"] * a["C_IN"], a["BLOCK_K"]),
     "_per_sample_conv_transpose3d_forward_kernel":  # the same over the live taps of a phase
         lambda a: _cdiv(a["KD"], a["SD"]) * _cdiv(a["KH"], a["SH"]) * _cdiv(_cdiv(a["KW"], a["SW"]) * a["C_IN"], a["BLOCK_K"]),
-    "_per_sample_conv3d_weight_grad_kernel": lambda a: _cdiv(a["ROWS_PER_SPLIT"], a["BLOCK_M"]),
+    "_per_sample_conv3d_weight_grad_kernel":  # the line tiles of g's grid, shared out over the splits
+        lambda a: a["D_G"] * a["H_G"] * _cdiv(a["W_G"], a["BLOCK_M"]) / a["SPLITS"],
     "_hyper_head_forward_kernel": lambda a: a["B"],
     "_hyper_head_backward_kernel": lambda a: a["B"],
 }
@@ -418,7 +419,7 @@ def _bound_arguments(launch: Launch) -> dict:
     return values
 
 
-def trip_count(launch: Launch) -> int:
+def trip_count(launch: Launch) -> float:
     if launch.kernel_name not in TRIP_COUNTS:
         raise KeyError(f"{launch.kernel_name}: no trip count in static_bench.TRIP_COUNTS")
     return TRIP_COUNTS[launch.kernel_name](_bound_arguments(launch))
@@ -646,7 +647,7 @@ def _static_table(rows: list[dict]) -> str:
             "×".join(map(str, row["grid"])), "/".join(map(str, row["blocks"].values())), str(row["num_warps"]),
             str(row["registers"]), str(row["spill_bytes"]), f"{row['shared_bytes'] / 1024:.0f}",
             f"{row['tensor_per_iteration']} {row['tensor_instruction']}" if row["tensor_per_iteration"] else "none",
-            f"{row['loop_instructions']} ({row['loop_index_instructions']})", str(row["trip_count"]),
+            f"{row['loop_instructions']} ({row['loop_index_instructions']})", f"{row['trip_count']:.4g}",
             str(row["resident_blocks_per_sm"]), "" if row["waves"] is None else f"{row['waves']:.1f}",
             _us(row["issue_bound_s"]), _us(row["floor_s"]),
         ])

@@ -220,11 +220,9 @@ def _per_sample_conv_transpose3d_forward_kernel(
 @triton.jit
 def _per_sample_conv3d_weight_grad_kernel(
     g_ptr, x_ptr, partial_w_ptr, partial_b_ptr,
+    TILES_PER_SPLIT, SPLITS,
     D_G: tl.constexpr, H_G: tl.constexpr, W_G: tl.constexpr,
     D_X: tl.constexpr, H_X: tl.constexpr, W_X: tl.constexpr,
-    stride_gb, stride_gd, stride_gh, stride_gw,
-    stride_xb, stride_xd, stride_xh, stride_xw,
-    ROWS_PER_SPLIT, SPLITS,
     C_G: tl.constexpr, C_X: tl.constexpr,
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
@@ -234,72 +232,70 @@ def _per_sample_conv3d_weight_grad_kernel(
 ):
     """partial_w[b, split, k, n] = sum over this split's voxels m of im2col(x[b])[m, k] * g[b, m, n].
 
-    g lives on the conv's output grid, x on its input grid, k = (kd, kh, kw, c) with c innermost.  A program
-    owns one chunk of one (kd, kh) slab's run of KW x C_X columns (contiguous in channels-last memory, as in
-    the forward kernels) and sweeps its split's voxels; the K chunk is the dot's M (>= 64, so Hopper's wgmma
-    applies whatever Cout is).  With FLAT (a K of at most one tile: the first layer's 27 x 1) one program owns
-    every tap and tests bounds per element.  With SUM_ROWS the first chunk's programs also write partial_b[b, split, n] =
-    sum_m g[b, m, n], the conv's bias gradient, from the tiles they load anyway.
+    g (contiguous [B, D_G, H_G, W_G, C_G]) lives on the conv's output grid, x (contiguous [B, D_X, H_X, W_X, C_X])
+    on its input grid, k = (kd, kh, kw, c) with c innermost.  A program owns one chunk of one (kd, kh) slab's
+    run of KW x C_X columns (contiguous in x, as in the forward kernels; with FLAT, a K of at most one tile such
+    as the first layer's 27 x 1, every tap) and sweeps tiles of BLOCK_M consecutive voxels along one w-line of
+    g: for them the im2col rows are a sliding window over one line of x, so every offset and bounds test is a
+    constant of the tile plus one scalar per line, and no per-voxel index arithmetic remains.  The K chunk is
+    the dot's M (>= 64, so Hopper's wgmma applies whatever Cout is).  With SUM_ROWS the first chunk's programs
+    also write partial_b[b, split, n] = sum_m g[b, m, n], the conv's bias gradient, from the tiles they load.
     """
     pid_nk = tl.program_id(0)
     pid_bs = tl.program_id(1)
     SLABS: tl.constexpr = 1 if FLAT else KD * KH
     RUN_K: tl.constexpr = (KD * KH * KW if FLAT else KW) * C_X
     CHUNKS: tl.constexpr = (RUN_K + BLOCK_K - 1) // BLOCK_K
+    W_BLOCKS: tl.constexpr = (W_G + BLOCK_M - 1) // BLOCK_M
+    TILES: tl.constexpr = D_G * H_G * W_BLOCKS
     pid_n = pid_nk // (SLABS * CHUNKS)
     slab = (pid_nk // CHUNKS) % SLABS
     chunk = pid_nk % CHUNKS
-    kd = slab // KH
-    kh = slab % KH
     pid_b = (pid_bs // SPLITS).to(tl.int64)
     split = pid_bs % SPLITS
 
     ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = ns < C_G
-    run_ks = chunk * BLOCK_K + tl.arange(0, BLOCK_K)  # column of the slab's run: tap * C_X + c
-    k_ok = run_ks < RUN_K
-    col_tap = run_ks // C_X
+    ks = chunk * BLOCK_K + tl.arange(0, BLOCK_K)  # column of the slab's run: tap * C_X + c
+    k_ok = ks < RUN_K
+    col_tap = ks // C_X
     if FLAT:  # every column its own (kd, kh, kw)
         col_d = col_tap // (KH * KW)
         col_h = (col_tap // KW) % KH
         col_w = col_tap % KW
-        col_offsets = col_d * stride_xd + col_h * stride_xh + col_w * stride_xw + run_ks % C_X
-    else:
+    else:  # one (kd, kh) for every column, as vectors so that every bounds test below is one of vectors
+        col_d = slab // KH + tl.zeros_like(ks)
+        col_h = slab % KH + tl.zeros_like(ks)
         col_w = col_tap
-        col_offsets = col_w * stride_xw + run_ks % C_X
-    M = D_G * H_G * W_G
-    g_base = g_ptr + pid_b * stride_gb
-    x_base = x_ptr + pid_b * stride_xb
+    col_offsets = (col_d * H_X + col_h) * (W_X * C_X) + col_w * C_X + ks % C_X
+    r = tl.arange(0, BLOCK_M)
+    g_base = g_ptr + pid_b * (D_G * H_G * W_G * C_G)
+    x_base = x_ptr + pid_b * (D_X * H_X * W_X * C_X)
 
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     g_sum = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # summed over rows once, after the loop
-    first_row = split * ROWS_PER_SPLIT
-    for m0 in range(0, ROWS_PER_SPLIT, BLOCK_M):
-        rows = first_row + m0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < M
-        od, oh, ow = _voxel_coordinates(rows, H_G, W_G)
-        g = tl.load(g_base + (od * stride_gd + oh * stride_gh + ow * stride_gw)[:, None] + ns[None, :],
+    first = split * TILES_PER_SPLIT
+    for t in range(first, tl.minimum(first + TILES_PER_SPLIT, TILES)):
+        line = t // W_BLOCKS
+        w_start = (t % W_BLOCKS) * BLOCK_M
+        od = line // H_G
+        oh = line % H_G
+        row_ok = r < W_G - w_start
+        g = tl.load(g_base + (line * W_G + w_start) * C_G + (r * C_G)[:, None] + ns[None, :],
                     mask=row_ok[:, None] & n_ok[None, :], other=0.0)
-        d0 = od * SD - PD + kd
-        h0 = oh * SH - PH + kh
-        w0 = ow * SW - PW
-        w = w0[:, None] + col_w[None, :]
-        if FLAT:  # the bounds test per element
-            d = d0[:, None] + col_d[None, :]
-            h = h0[:, None] + col_h[None, :]
-            inside = (row_ok[:, None] & k_ok[None, :]) & (d >= 0) & (d < D_X) & (h >= 0) & (h < H_X)
-        else:  # d and h per row, w per column group
-            ok = row_ok & (d0 >= 0) & (d0 < D_X) & (h0 >= 0) & (h0 < H_X)
-            inside = ok[:, None] & k_ok[None, :]
-        a = tl.load(x_base + (d0 * stride_xd + h0 * stride_xh + w0 * stride_xw)[:, None] + col_offsets[None, :],
-                    mask=inside & (w >= 0) & (w < W_X), other=0.0)
+        d = od * SD - PD + col_d
+        h = oh * SH - PH + col_h
+        col_ok = k_ok & (d >= 0) & (d < D_X) & (h >= 0) & (h < H_X)
+        w = (w_start * SW - PW + r * SW)[:, None] + col_w[None, :]
+        x_line = x_base + ((od * SD - PD) * H_X + (oh * SH - PH)) * (W_X * C_X) + (w_start * SW - PW) * C_X
+        a = tl.load(x_line + (r * (SW * C_X))[:, None] + col_offsets[None, :],
+                    mask=(row_ok[:, None] & col_ok[None, :]) & (w >= 0) & (w < W_X), other=0.0)
         acc = _dot(tl.trans(a), g, acc, INPUT_PRECISION, UPCAST)
         if SUM_ROWS:
             g_sum += g.to(tl.float32)
 
     partial_base = pid_b * SPLITS + split
-    ks = slab * RUN_K + run_ks
-    w_offsets = (partial_base * (SLABS * RUN_K) + ks)[:, None] * C_G + ns[None, :]
+    w_offsets = (partial_base * (SLABS * RUN_K) + slab * RUN_K + ks)[:, None] * C_G + ns[None, :]
     tl.store(partial_w_ptr + w_offsets, acc, mask=k_ok[:, None] & n_ok[None, :])
     if SUM_ROWS:
         if slab + chunk == 0:
@@ -418,30 +414,39 @@ def _target_programs(device: torch.device) -> int:
     return 4 * _multiprocessors(device) if stands_for_gpu(device) else 8
 
 
+TILE_COST = 60  # instructions a weight-gradient tile issues besides those per voxel (`hsort bench --static`)
+
+
+def _line_block(width: int) -> int:
+    """BLOCK_M of the weight gradient: tiles of voxels along a w-line of `width`.  A tile issues about
+    TILE_COST + BLOCK_M instructions per thread whatever share of its voxels lies inside the line, so take the
+    size from 128, 64, 32, 16 with the fewest instructions per voxel inside."""
+    return min((128, 64, 32, 16), key=lambda block: (TILE_COST + block) * triton.cdiv(width, block) / width)
+
+
 def _launch_weight_grad(g: torch.Tensor, x: torch.Tensor, kernel_size: Triple, stride: Triple, padding: Triple,
                         bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """dw[b, n, c, t] = sum_m g[b, m, n] x[b, m * s - p + t, c] for g [B, Do, Ho, Wo, N], x [B, Di, Hi, Wi, C].
 
     Returns dw as [B, N, C, kd, kh, kw] in float32 and, with `bias_grad`, sum_m g[b, m, n] as [B, N].
     """
-    g, x = _channels_last(g), _channels_last(x)
+    g, x = g.contiguous(), x.contiguous()  # [B, D, H, W, C] views of channels-last memory: free
     batch, *g_size, c_g = g.shape
     _, *x_size, c_x = x.shape
     K = kernel_size[0] * kernel_size[1] * kernel_size[2] * c_x
-    rows = g_size[0] * g_size[1] * g_size[2]
-    block_m, block_k = 128, 64
+    block_m, block_k = _line_block(g_size[2]), 64
     block_n = min(max(triton.next_power_of_2(c_g), 16), 64)
     flat = K <= block_k  # one tile holds every tap: better than a run of KW x C_X padded to 64 for tiny C_X
     slabs, run_k = (1, K) if flat else (kernel_size[0] * kernel_size[1], kernel_size[2] * c_x)
     tiles = triton.cdiv(c_g, block_n) * slabs * triton.cdiv(run_k, block_k)
-    splits = max(1, min(triton.cdiv(rows, block_m), triton.cdiv(_target_programs(g.device), batch * tiles)))
-    rows_per_split = triton.cdiv(triton.cdiv(rows, splits), block_m) * block_m
-    splits = triton.cdiv(rows, rows_per_split)
+    line_tiles = g_size[0] * g_size[1] * triton.cdiv(g_size[2], block_m)
+    splits = max(1, min(line_tiles, triton.cdiv(_target_programs(g.device), batch * tiles)))
+    tiles_per_split = triton.cdiv(line_tiles, splits)
+    splits = triton.cdiv(line_tiles, tiles_per_split)
     partial_w = torch.empty((batch, splits, K, c_g), device=g.device, dtype=torch.float32)
     partial_b = torch.empty((batch, splits, c_g), device=g.device, dtype=torch.float32) if bias_grad else partial_w
     _per_sample_conv3d_weight_grad_kernel[(tiles, batch * splits)](
-        g, x, partial_w, partial_b,
-        *g_size, *x_size, *g.stride()[:4], *x.stride()[:4], rows_per_split, splits,
+        g, x, partial_w, partial_b, tiles_per_split, splits, *g_size, *x_size,
         C_G=c_g, C_X=c_x, **_geometry(kernel_size, stride, padding),
         FLAT=flat, SUM_ROWS=bias_grad, INPUT_PRECISION=_precision(x), UPCAST=_upcast(x),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=NUM_WARPS,
