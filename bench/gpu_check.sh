@@ -39,7 +39,8 @@ if ((dry)); then
   bench_arguments=(--device cpu --size 16 --batch 2 --quick)
   kernel_environment=(TRITON_INTERPRET=1 HSORT_KERNELS=triton)
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # tiny CPU ops stall on busy machines with more threads
-  limits=(install=120 environment=30 kernel-tests=120 step=60 layers=60)
+  limits=(install=120 environment=30 kernel-tests=300 step=60 layers=60)  # the interpreter runs every program in Python
+  budget=${GPU_CHECK_BUDGET:-600}
 else
   bench_arguments=(--device cuda --preset paper --size 168 --batch 2,4)
   kernel_environment=()
