@@ -174,16 +174,36 @@ def _print_fit_summary(result, data: Path, analysis=None) -> None:
 @preset_option(None, "UNet architecture  [default: paper on CUDA, small on CPU]")
 @click.option("--dtype", "dtypes", default=None, callback=comma_list(str), help="float32,bfloat16  [default: both on CUDA, float32 on CPU]")
 @device_option()
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("bench/out/bench.json"), show_default=True, help="JSON file with every measurement.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="JSON file with every measurement  [default: bench/out/bench.json, bench/out/static.json with --static]")
 @click.option("--quick", is_flag=True, help="Fewer repeats and one layer of each kind: proves the run end to end.")
 @click.option("--only", "sections", default=None, callback=comma_list(str), help="Sections: layers,head,step,block  [default: all]")
+@click.option("--static", "static", is_flag=True, help="No GPU needed: compile every kernel launch of one training step for --arch and bound it from its machine code.")
+@click.option("--arch", type=click.Choice(["sm_90", "sm_80"]), default="sm_90", show_default=True, help="With --static: the GPU to compile for.")
+@click.option("--layers", default=None, callback=comma_list(str), help="With --static: only these UNet layers (and 'head')  [default: all]")
+@click.option("--json", "as_json", is_flag=True, help="With --static: print the JSON report instead of the table.")
 @reports_bad_input
-def bench(out: Path, **options) -> None:
+def bench(out: Path | None, static: bool, arch: str, layers: tuple[str, ...] | None, as_json: bool, **options) -> None:
     """Time the per-sample convs, the head and a training step against the reference formulation."""
+    if static:
+        _static_bench(out or Path("bench/out/static.json"), arch, layers, as_json, **options)
+        return
     from hypersort_core.benchmark import bench_settings, format_report, run_benchmark
 
+    out = out or Path("bench/out/bench.json")
     report = run_benchmark(bench_settings(**options), out, progress=lambda line: click.echo(line, err=True))
     click.echo(format_report(report, out))
+
+
+def _static_bench(out: Path, arch: str, layers: tuple[str, ...] | None, as_json: bool, *, size: int | None,
+                  batches: tuple[int, ...] | None, preset: str | None, dtypes: tuple[str, ...] | None, **timing_options) -> None:
+    """`hsort bench --static`: the static report of one training step, as a table (or JSON) and a JSON file."""
+    import json
+
+    from hypersort_core.static_bench import format_static_report, run_static, static_settings
+
+    settings = static_settings(arch, preset, size, batches, dtypes, layers, timing_options)
+    report = run_static(settings, out, progress=lambda line: click.echo(line, err=True))
+    click.echo(json.dumps(report, indent=1) if as_json else format_static_report(report, out))
 
 
 def _register_commands() -> None:
