@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # On a machine without CUDA, take PyTorch's CPU build (never a multi-GB CUDA build).
 TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: setup demo test bench clean-demo
+.PHONY: setup demo test test-fast lint bench clean-demo
 
 setup: $(STAMP)
 
@@ -25,6 +25,14 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The inner loop: everything but the end-to-end runs marked slow (make test, what CI runs, has them all).
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: setup
 	$(HSORT) bench

@@ -25,13 +25,12 @@ import json
 import multiprocessing
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 KINDS = ("eroded", "dilated", "incomplete", "extra", "wrong_neighbour", "shift", "holes")
-STYLE = "neighbour"
+STYLE = "neighbour"  # the default; --style coarse for blocky contours
 PERTURBED = 0.3
 STYLE_FRACTION = 0.15
 SIZE = 24  # voxels per side, and the ROI: what a 2-core CPU trains in minutes
@@ -47,7 +46,7 @@ def main() -> None:
     jobs = [(cases, seed) for cases in args.cases for seed in args.seeds]
     settings = dict(parse_setting(text) for text in args.set)
     started = time.monotonic()
-    tasks = [(out, args.tag, cases, seed, args.size, args.epochs, settings, not args.no_baselines) for cases, seed in jobs]
+    tasks = [(out, args.tag, cases, seed, args.size, args.epochs, settings, not args.no_baselines, args.style) for cases, seed in jobs]
     if args.jobs > 1:
         with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
             results = pool.starmap(run_job, tasks)
@@ -58,7 +57,7 @@ def main() -> None:
         "tag": args.tag,
         "settings": settings,
         "epochs": args.epochs,
-        "datasets": {"cases": args.cases, "seeds": args.seeds, "size": args.size, "kinds": KINDS, "perturbed": PERTURBED, "style": STYLE, "style_fraction": STYLE_FRACTION},
+        "datasets": {"cases": args.cases, "seeds": args.seeds, "size": args.size, "kinds": KINDS, "perturbed": PERTURBED, "style": args.style, "style_fraction": STYLE_FRACTION},
         "minutes": round((time.monotonic() - started) / 60, 1),
         "summary": summary,
         "runs": results,
@@ -81,6 +80,7 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--tag", default="default")
     parser.add_argument("--set", action="append", default=[], help="A training setting NAME=VALUE (TrainConfig field), repeatable.")
     parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument("--style", default=STYLE, help="The protocol of the style subset (label_errors.STYLES).")
     return parser.parse_args()
 
 
@@ -89,23 +89,22 @@ def parse_setting(text: str) -> tuple[str, object]:
     return name, json.loads(value) if value[:1] in "-0123456789[{tf" else value
 
 
-def run_job(out: Path, tag: str, cases: int, seed: int, size: int, epochs: int, settings: dict, baselines: bool) -> dict:
+def run_job(out: Path, tag: str, cases: int, seed: int, size: int, epochs: int, settings: dict, baselines: bool, style: str = STYLE) -> dict:
     """One dataset: write it (once), train and analyze, score with the baselines (cached)."""
     import torch
 
     torch.set_num_threads(1)
-    from hypersort_core.config import TrainConfig
+    from hypersort_core.api import training_config
     from hypersort_core.data import make_synthetic_dataset
     from hypersort_core.report import analyze_run
     from hypersort_core.run import load_run
     from hypersort_core.train import fit
 
-    name = f"cases{cases}_size{size}_seed{seed}"
+    name = f"cases{cases}_size{size}_seed{seed}" + ("" if style == STYLE else f"_{style}")
     data = out / "data" / name
     if not (data / "perturbations.csv").is_file():
-        make_synthetic_dataset(data, cases=cases, size=size, perturbed=PERTURBED, seed=seed, kinds=KINDS, style=STYLE, style_fraction=STYLE_FRACTION)
-    config = TrainConfig.from_preset("small", epochs=epochs, **settings)
-    config = replace(config, preprocess=replace(config.preprocess, roi=(size,) * 3))
+        make_synthetic_dataset(data, cases=cases, size=size, perturbed=PERTURBED, seed=seed, kinds=KINDS, style=style, style_fraction=STYLE_FRACTION)
+    config = training_config("small", epochs=epochs, **{"roi": size, **settings})
     run_dir = out / tag / name
     started = time.monotonic()
     if not finished_run(run_dir, config):

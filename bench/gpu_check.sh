@@ -6,8 +6,9 @@
 #
 # Each step runs under its own time limit, all within one budget, and a failing step does not stop the next.
 # The training step, head and block are measured before the layer sweep, so a slow sweep cannot cost them.
-# OUT_DIR (default: $OUT, else bench/out) receives gpu_check.log, step-<dtype>.json, layers-<dtype>.json
-# and summary.txt; the table of steps and the bench's headline numbers are printed last.  --dry runs the
+# OUT_DIR (default: $OUT, else bench/out) receives gpu_check.log, step-<dtype>.json, layers-<dtype>.json,
+# static.json (`hsort bench --static`, computed on the CPU meanwhile) and summary.txt; the table of steps, the
+# bench's headline numbers and each measured time beside its static lower bound are printed last.  --dry runs the
 # same steps on the CPU with tiny sizes and the kernel tests in the Triton interpreter, to prove the script
 # without a GPU.  PYTHON picks the interpreter (default: .venv/bin/python if present, else python3).
 set -uo pipefail
@@ -17,7 +18,7 @@ out_dir=""
 for argument in "$@"; do
   case "$argument" in
     --dry) dry=1 ;;
-    -h | --help) sed -n '2,12p' "$0" | cut -c3-; exit 0 ;;
+    -h | --help) sed -n '2,13p' "$0" | cut -c3-; exit 0 ;;
     -*) echo "gpu_check.sh: unknown option $argument (see --help)" >&2; exit 2 ;;
     *) out_dir=$argument ;;
   esac
@@ -38,7 +39,8 @@ if ((dry)); then
   bench_arguments=(--device cpu --size 16 --batch 2 --quick)
   kernel_environment=(TRITON_INTERPRET=1 HSORT_KERNELS=triton)
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # tiny CPU ops stall on busy machines with more threads
-  limits=(install=120 environment=30 kernel-tests=120 step=60 layers=60)
+  limits=(install=120 environment=30 kernel-tests=300 step=60 layers=60)  # the interpreter runs every program in Python
+  budget=${GPU_CHECK_BUDGET:-600}
 else
   bench_arguments=(--device cuda --preset paper --size 168 --batch 2,4)
   kernel_environment=()
@@ -77,6 +79,21 @@ run_step() {  # run_step NAME LIMIT COMMAND...: run it under min(LIMIT, what is 
 
 run_step install "$(limit_of install)" "$python" -m pip install --no-deps --no-build-isolation -e .
 
+# The static bounds of the same work (`hsort bench --static`: compiled for the GPU, nothing run) are computed on the
+# CPU while the GPU steps run, outside the budget, so that the summary can put each measured time beside its bound.
+if ((dry)); then
+  static_arguments=(--preset small --size 16 --layers conv_0_0,down_0)
+else
+  static_arguments=(--preset paper --size 168)
+fi
+static_report="$out_dir/static.json"
+rm -f "$static_report"
+echo "=== static (in the background, limit 600s): hsort bench --static --batch 2 ${static_arguments[*]}" | tee -a "$log"
+static_started=$SECONDS
+timeout --kill-after=10 600 env -u TRITON_INTERPRET "$python" -m hypersort_core.cli bench --static --batch 2 \
+  --dtype bfloat16,float32 "${static_arguments[@]}" --out "$static_report" >"$out_dir/static.txt" 2>&1 &
+static_pid=$!
+
 read -r -d '' versions <<"EOF"
 import importlib.metadata as metadata
 import platform
@@ -111,6 +128,15 @@ for sections in step,head,block layers; do
   done
 done
 
+wait "$static_pid"
+static_status=$?
+cat "$out_dir/static.txt" >>"$log"
+case $static_status in
+  0) results+=("static|ok|$((SECONDS - static_started))") ;;
+  124 | 137) results+=("static|timed out after 600s|$((SECONDS - static_started))") ;;
+  *) results+=("static|failed (exit $static_status)|$((SECONDS - static_started))") ;;
+esac
+
 {
   echo
   echo "=== summary ($((SECONDS - started))s of a ${budget}s budget$( ((dry)) && echo ', dry run on the CPU'))"
@@ -137,6 +163,8 @@ for entry in report["summary"]:
     print(f"  {entry['text']}")
 EOF
   done
+  echo "measured beside the static issue bound (B=2; bench/calibrate.py):"
+  "$python" bench/calibrate.py "$static_report" "${reports[@]}"
 } | tee "$out_dir/summary.txt" | tee -a "$log"
 
 for result in "${results[@]}"; do

@@ -7,13 +7,15 @@ from pathlib import Path
 
 import click
 from hypersort_core.cli.options import reports_bad_input
+from hypersort_core.data import LAYOUTS
+from hypersort_core.data.layouts import TOTALSEGMENTATOR_SPLITS
 
 
 @click.command()
 @click.argument("data", type=click.Path(exists=True, path_type=Path))
 @click.option("--label", default=None, help="Structures to check: NAME|INT[,...] (default: all foreground as one class).")
-@click.option("--layout", type=click.Choice(["auto", "nnunet", "msd", "totalsegmentator", "folders", "manifest"]), default="auto", show_default=True, help="Dataset layout.")
-@click.option("--split", type=click.Choice(["train", "val", "test"]), default=None, help="TotalSegmentator: only the subjects meta.csv puts in this split.")
+@click.option("--layout", type=click.Choice(["auto", *LAYOUTS]), default="auto", show_default=True, help="Dataset layout.")
+@click.option("--split", type=click.Choice(TOTALSEGMENTATOR_SPLITS), default=None, help="TotalSegmentator: only the subjects meta.csv puts in this split.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (cases, errors, warnings, summary) instead of the table.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @reports_bad_input

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from hypersort_core.cli.options import reports_bad_input
+from hypersort_core.cli.options import device_option, reports_bad_input
 
 
 @click.command()
@@ -17,7 +17,7 @@ from hypersort_core.cli.options import reports_bad_input
 @click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True, help="Folds of the Test-Dice baseline.")
 @click.option("--baseline-epochs", type=click.IntRange(min=1), default=None, help="Epochs of each baseline UNet  [default: as many as the run trained]")
 @click.option("--skip-baselines", is_flag=True, help="Score HyperSORT only (the baselines train 1 + FOLDS plain UNets).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@device_option()
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @reports_bad_input
 def evaluate(run_dir: Path, reference: Path | None, test: Path | None, min_change: int, folds: int,

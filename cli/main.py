@@ -7,15 +7,13 @@ import sys
 from pathlib import Path
 
 import click
-from hypersort_core.cli.options import (
-    comma_list,
-    error_kinds,
-    reports_bad_input,
-    triple,
-)
+from hypersort_core.cli.options import comma_list, device_option, error_kinds, preset_option, reports_bad_input, triple
 
 from hypersort_core import __version__
+from hypersort_core.config import PRECISIONS
+from hypersort_core.data import CROPS, LAYOUTS
 from hypersort_core.data.label_errors import ERROR_KINDS, STYLES
+from hypersort_core.data.layouts import TOTALSEGMENTATOR_SPLITS
 from hypersort_core.data.synth import DEFAULT_KINDS
 
 INTERRUPTED_EXIT = 130
@@ -58,16 +56,16 @@ def synth(out: Path, cases: int, size: int, perturbed: float, kinds: tuple[str, 
 @main.command()
 @click.argument("data", type=click.Path(exists=True, path_type=Path))
 @click.option("--out", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder.")
-@click.option("--preset", type=click.Choice(["paper", "small"]), default="paper", show_default=True, help="paper: the paper's UNet at 2 mm, ROI 168; small: CPU-sized.")
-@click.option("--layout", type=click.Choice(["auto", "nnunet", "msd", "totalsegmentator", "folders", "manifest"]), default=None, help="Dataset layout (default: detected).")
+@preset_option("paper", "paper: the paper's UNet at 2 mm, ROI 168; small: CPU-sized.")
+@click.option("--layout", type=click.Choice(["auto", *LAYOUTS]), default=None, help="Dataset layout (default: detected).")
 @click.option("--label", default=None, help="Structures to learn: NAME|INT[,...] (default: all foreground as one class).")
-@click.option("--split", type=click.Choice(["train", "val", "test"]), default=None, help="TotalSegmentator: only the subjects meta.csv puts in this split (default: every subject folder).")
+@click.option("--split", type=click.Choice(TOTALSEGMENTATOR_SPLITS), default=None, help="TotalSegmentator: only the subjects meta.csv puts in this split (default: every subject folder).")
 @click.option("--batch-size", type=int, default=None)
 @click.option("--epochs", type=int, default=None)
 @click.option("--max-minutes", type=float, default=None, help="Stop (with a checkpoint) after this much training time.")
 @click.option("--seed", type=int, default=None)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
-@click.option("--precision", type=click.Choice(["auto", "fp32", "tf32", "bf16"]), default=None, help="auto: bf16 autocast on CUDA, fp32 on CPU.")
+@device_option(default=None)
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None, help="auto: bf16 autocast on CUDA, fp32 on CPU.")
 @click.option("--lr", type=float, default=None, help="Hyper-network learning rate.")
 @click.option("--latent-lr", type=float, default=None, help="Latent learning rate (Adam betas 0.7/0.9).")
 @click.option("--l1", type=float, default=None, help="Weight of the L1 penalty on the latents.")
@@ -77,7 +75,7 @@ def synth(out: Path, cases: int, size: int, perturbed: float, kinds: tuple[str, 
 @click.option("--convs-per-level", type=int, default=None)
 @click.option("--spacing", default=None, callback=triple(float), help="Target spacing in mm: 2 or 2,2,3.")
 @click.option("--roi", default=None, callback=triple(int), help="ROI in voxels: 168 or 160,160,96.")
-@click.option("--crop", type=click.Choice(["label", "image", "random"]), default=None, help="ROI centred on the label, the image, or random crops.")
+@click.option("--crop", type=click.Choice(CROPS), default=None, help="ROI centred on the label, the image, or random crops.")
 @click.option("--augment/--no-augment", default=None, help="Random rotation, zoom and intensity jitter per draw (no flips), so that the UNet cannot learn wrong labels by heart.")
 @click.option("--checkpoint-every", type=int, default=None, help="Epochs between checkpoints (one is always written at the end).")
 @click.option("--workers", type=int, default=None, help="Processes that prepare the cases and load batches (per training process).")
@@ -98,6 +96,7 @@ def fit(data: Path, run_dir: Path, preset: str, resume: bool, overwrite: bool, n
     from hypersort_core.api import fit as fit_run
     from hypersort_core.distributed import world_from_environment
     from hypersort_core.report import format_summary
+    from hypersort_core.train import INTERRUPTED
 
     world = world_from_environment()
     config = resumed_config(run_dir, **{k: options[k] for k in RESUMABLE_SETTINGS}) if resume else training_config(preset, **options)
@@ -113,8 +112,8 @@ def fit(data: Path, run_dir: Path, preset: str, resume: bool, overwrite: bool, n
     result = run.fit_result
     interrupted_exit = INTERRUPTED_EXIT if result.signal is None else 128 + result.signal  # 130 SIGINT, 143 SIGTERM
     if not world.is_main:
-        sys.exit(interrupted_exit if result.stopped == "interrupted" else 0)
-    if result.stopped == "interrupted":
+        sys.exit(interrupted_exit if result.stopped == INTERRUPTED else 0)
+    if result.stopped == INTERRUPTED:
         _print_fit_summary(result, data)
         sys.exit(interrupted_exit)
     if run.analysis is not None:
@@ -149,9 +148,10 @@ def _print_fit_summary(result, data: Path, analysis=None) -> None:
     from hypersort_core.evaluate import format_perturbation_summary, perturbation_summary
     from hypersort_core.latents import latent_scores, read_latents_csv
     from hypersort_core.run_folder import LATENT_MAP_NAME, LATENTS_NAME, LOG_NAME, PROGRESS_NAME
+    from hypersort_core.train import INTERRUPTED, TIME_BUDGET
 
     run = result.run_dir
-    how = {None: "finished", "time budget": "stopped at the time budget", "interrupted": "interrupted"}[result.stopped]
+    how = {None: "finished", TIME_BUDGET: "stopped at the time budget", INTERRUPTED: "interrupted"}[result.stopped]
     click.echo(f"{how} after {result.epochs_done} epoch{'' if result.epochs_done == 1 else 's'}; run folder: {run}")
     for name, what in [(LATENTS_NAME, "latents and scores"), (LATENT_MAP_NAME, "latent map"), (LOG_NAME, "per-epoch log"), (PROGRESS_NAME, "loss curves"), (CHECKPOINT_NAME, "checkpoint (continue with --resume)")]:
         click.echo(f"  {run / name}  ({what})")
@@ -171,19 +171,39 @@ def _print_fit_summary(result, data: Path, analysis=None) -> None:
 @main.command()
 @click.option("--size", type=click.IntRange(min=1), default=None, help="ROI side in voxels  [default: 168 on CUDA, 32 on CPU]")
 @click.option("--batch", "batches", default=None, callback=comma_list(int), help="Batch sizes: 2,4  [default: 2,4 on CUDA, 2 on CPU]")
-@click.option("--preset", type=click.Choice(["paper", "small"]), default=None, help="UNet architecture  [default: paper on CUDA, small on CPU]")
+@preset_option(None, "UNet architecture  [default: paper on CUDA, small on CPU]")
 @click.option("--dtype", "dtypes", default=None, callback=comma_list(str), help="float32,bfloat16  [default: both on CUDA, float32 on CPU]")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("bench/out/bench.json"), show_default=True, help="JSON file with every measurement.")
+@device_option()
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="JSON file with every measurement  [default: bench/out/bench.json, bench/out/static.json with --static]")
 @click.option("--quick", is_flag=True, help="Fewer repeats and one layer of each kind: proves the run end to end.")
 @click.option("--only", "sections", default=None, callback=comma_list(str), help="Sections: layers,head,step,block  [default: all]")
+@click.option("--static", "static", is_flag=True, help="No GPU needed: compile every kernel launch of one training step for --arch and bound it from its machine code.")
+@click.option("--arch", type=click.Choice(["sm_90", "sm_80"]), default="sm_90", show_default=True, help="With --static: the GPU to compile for.")
+@click.option("--layers", default=None, callback=comma_list(str), help="With --static: only these UNet layers (and 'head')  [default: all]")
+@click.option("--json", "as_json", is_flag=True, help="With --static: print the JSON report instead of the table.")
 @reports_bad_input
-def bench(out: Path, **options) -> None:
+def bench(out: Path | None, static: bool, arch: str, layers: tuple[str, ...] | None, as_json: bool, **options) -> None:
     """Time the per-sample convs, the head and a training step against the reference formulation."""
+    if static:
+        _static_bench(out or Path("bench/out/static.json"), arch, layers, as_json, **options)
+        return
     from hypersort_core.benchmark import bench_settings, format_report, run_benchmark
 
+    out = out or Path("bench/out/bench.json")
     report = run_benchmark(bench_settings(**options), out, progress=lambda line: click.echo(line, err=True))
     click.echo(format_report(report, out))
+
+
+def _static_bench(out: Path, arch: str, layers: tuple[str, ...] | None, as_json: bool, *, size: int | None,
+                  batches: tuple[int, ...] | None, preset: str | None, dtypes: tuple[str, ...] | None, **timing_options) -> None:
+    """`hsort bench --static`: the static report of one training step, as a table (or JSON) and a JSON file."""
+    import json
+
+    from hypersort_core.static_bench import format_static_report, run_static, static_settings
+
+    settings = static_settings(arch, preset, size, batches, dtypes, layers, timing_options)
+    report = run_static(settings, out, progress=lambda line: click.echo(line, err=True))
+    click.echo(json.dumps(report, indent=1) if as_json else format_static_report(report, out))
 
 
 def _register_commands() -> None:

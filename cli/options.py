@@ -8,6 +8,8 @@ import traceback
 
 import click
 
+from hypersort_core.config import DEVICES, PRESETS
+
 BAD_INPUT_EXIT = 2  # bad input, and faults of the machine (full disk, permissions, ...)
 INTERNAL_ERROR_EXIT = 1  # a bug: the traceback is shown
 
@@ -97,3 +99,13 @@ def error_kinds(ctx, param, value: str) -> tuple[str, ...]:
     if unknown or not kinds:
         raise click.BadParameter(f"unknown kind(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(ERROR_KINDS)} or 'all'")
     return kinds
+
+
+def device_option(default: str | None = "auto", help: str | None = None):
+    """--device, one of the library's DEVICES."""
+    return click.option("--device", type=click.Choice(DEVICES), default=default, show_default=default is not None, help=help)
+
+
+def preset_option(default: str | None, help: str):
+    """--preset, one of the library's PRESETS."""
+    return click.option("--preset", type=click.Choice(list(PRESETS)), default=default, show_default=default is not None, help=help)

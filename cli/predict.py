@@ -4,10 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from hypersort_core.cli.options import reports_bad_input, triple
+from hypersort_core.cli.options import device_option, reports_bad_input, triple
+from hypersort_core.data import CROPS
 
 RUN_ARGUMENT = click.argument("run_dir", metavar="RUN", type=click.Path(exists=True, file_okay=False, path_type=Path))
-DEVICE_OPTION = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+DEVICE_OPTION = device_option()
 LATENT_OPTION = click.option("--latent", default=None, metavar="X,Y", help="A point of the latent map.")
 CLUSTER_OPTION = click.option("--cluster", type=int, default=None, metavar="K", help="The centroid of cluster K (clusters.csv of hsort analyze).")
 CASE_OPTION = click.option("--case", default=None, metavar="ID", help="A training case's own latent.")
@@ -93,7 +94,7 @@ def export(run_dir: Path, latent: str | None, cluster: int | None, case: str | N
 @click.option("--label", default=None, help="Labels the UNet was trained on: NAME|INT[,...] (default: all foreground as one class).")
 @click.option("--spacing", default=None, callback=triple(float), help="Target spacing in mm: 2 or 2,2,3  [default: the paper's 2]")
 @click.option("--roi", default=None, callback=triple(int), help="ROI in voxels: 168 or 160,160,96  [default: the paper's 168]")
-@click.option("--crop", type=click.Choice(["label", "image", "random"]), default=None, help="ROI centred on the label, the image, or random crops  [default: label]")
+@click.option("--crop", type=click.Choice(CROPS), default=None, help="ROI centred on the label, the image, or random crops  [default: label]")
 @click.option("--allow-missing", is_flag=True, help="Leave out data-list rows that have no latent, instead of stopping.")
 @reports_bad_input
 def import_reference(weights: Path, latent_dict: Path, data_list: Path, run_dir: Path, label: str | None,

@@ -23,18 +23,18 @@ from hypersort_core import run as run_module
 from hypersort_core.analysis import GALLERY, Analysis, LabelIssues, analyze, find_label_issues
 from hypersort_core.check import CheckReport, check_dataset
 from hypersort_core.config import ConfigError, TrainConfig
+from hypersort_core.data import PreprocessConfig
 from hypersort_core.export import export_unet
 from hypersort_core.main_style import prepared_training_cases
+from hypersort_core.model import ModelConfig
 from hypersort_core.predict import latent_probabilities, read_image, segment
 from hypersort_core.report import PICTURES, analyze_loaded_run
 from hypersort_core.distributed import world_from_environment
 from hypersort_core.run_folder import CLUSTERS_NAME, CONFIG_NAME, read_config
 from hypersort_core.styles import NamedLatent, case_latent, cluster_latent, cluster_name
-from hypersort_core.train import FitResult
+from hypersort_core.train import INTERRUPTED, FitResult
 from hypersort_core.train import fit as train
 
-ARCHITECTURE_SETTINGS = ("latent_dim", "base_channels", "levels", "convs_per_level")
-PREPROCESS_SETTINGS = ("spacing", "roi", "crop")
 RESUMABLE_SETTINGS = ("epochs", "max_minutes", "checkpoint_every", "device", "workers")
 
 __all__ = ["CheckReport", "LabelIssues", "Run", "check_dataset", "find_label_issues", "fit", "load_run", "training_config"]
@@ -127,10 +127,10 @@ def load_run(run_dir: Path | str, device: str = "auto") -> Run:
 
 
 def training_config(preset: str = "paper", **settings) -> TrainConfig:
-    """A preset's settings with any of them changed: TrainConfig's fields, the architecture's
-    (latent_dim, base_channels, levels, convs_per_level) and the preprocessing's (spacing, roi, crop)."""
-    architecture = {k: settings.pop(k) for k in ARCHITECTURE_SETTINGS if k in settings}
-    preprocess = {k: _triple(v) if k in ("spacing", "roi") else v for k, v in ((k, settings.pop(k)) for k in PREPROCESS_SETTINGS if k in settings)}
+    """A preset's settings with any of them changed: TrainConfig's fields, the model's (ModelConfig: latent_dim,
+    base_channels, levels, ...) and the preprocessing's (PreprocessConfig: spacing, roi, crop, ...); None keeps the preset's."""
+    architecture = {k: settings.pop(k) for k in ModelConfig.__dataclass_fields__ if k in settings}
+    preprocess = {k: _triple(settings.pop(k)) if k in ("spacing", "roi") else settings.pop(k) for k in PreprocessConfig.__dataclass_fields__ if k in settings}
     unknown = sorted(set(settings) - set(TrainConfig.__dataclass_fields__))
     if unknown:
         raise ConfigError(f"unknown setting(s) {', '.join(unknown)}")
@@ -184,7 +184,7 @@ def fit(data: Path | str, out: Path | str, *, preset: str = "paper", check: bool
         check_before_training(data, config, warn)
     result = train(Path(data), Path(out), config, resume=resume, progress=progress, overwrite=overwrite, cache_dir=None if cache_dir is None else Path(cache_dir))
     run = replace(load_run(out, config.device), fit_result=result)
-    if analyze and result.stopped != "interrupted" and len(result.case_ids) > 1 and world_from_environment().is_main:
+    if analyze and result.stopped != INTERRUPTED and len(result.case_ids) > 1 and world_from_environment().is_main:
         run.analyze(progress=progress)
     return run
 

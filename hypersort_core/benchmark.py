@@ -50,7 +50,7 @@ from hypersort_core.kernels import (
 from hypersort_core.kernels._dispatch import interpreting, triton_runs
 from hypersort_core.layers import HyperHead
 from hypersort_core.model import HyperSORT, ModelConfig, parameter_count, plain_unet
-from hypersort_core.model import _block as per_sample_block
+from hypersort_core.model import conv_block
 from hypersort_core.reference import ReferenceHyperNetwork, ReferenceTraining
 from hypersort_core.train import Trainer, build_optimizers, train_step
 
@@ -467,7 +467,7 @@ def block_rows(shape: LayerShape, batch: int, dtype_name: str, device: torch.dev
     names = ("conv.weight", "conv.bias", "norm.weight", "norm.bias")
 
     def ours(x, *tensors):
-        return per_sample_block(x, dict(zip(names, tensors)), "conv", "norm", stride=shape.stride)
+        return conv_block(x, dict(zip(names, tensors)), "conv", "norm", stride=shape.stride)
 
     variants = {"ours": (ours, [x, weight, *vectors]), "shared": (lambda x, *_: shared(x), [x, *shared.parameters()])}
     rows = []

@@ -108,13 +108,13 @@ def _instance_norm(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> 
     return x * gamma.view(shape) + beta.view(shape)
 
 
-def _block(x: torch.Tensor, p: dict[str, torch.Tensor], conv: str, norm: str, stride: int = 1) -> torch.Tensor:
+def conv_block(x: torch.Tensor, p: dict[str, torch.Tensor], conv: str, norm: str, stride: int = 1) -> torch.Tensor:
     """conv3x3x3 -> ReLU -> InstanceNorm(affine), as in the paper."""
     x = per_sample_conv3d(x, p[f"{conv}.weight"], p[f"{conv}.bias"], stride=stride, padding=1)
     return _instance_norm(F.relu(x), p[f"{norm}.weight"], p[f"{norm}.bias"])
 
 
-def _up_block(x: torch.Tensor, p: dict[str, torch.Tensor], level: int) -> torch.Tensor:
+def up_block(x: torch.Tensor, p: dict[str, torch.Tensor], level: int) -> torch.Tensor:
     """Transposed conv k4 s2 p1 (doubles each side) -> ReLU -> InstanceNorm(affine)."""
     x = per_sample_conv_transpose3d(x, p[f"up_{level}.weight"], p[f"up_{level}.bias"], stride=2, padding=1)
     return _instance_norm(F.relu(x), p[f"up_norm_{level}.weight"], p[f"up_norm_{level}.bias"])
@@ -123,19 +123,19 @@ def _up_block(x: torch.Tensor, p: dict[str, torch.Tensor], level: int) -> torch.
 def unet_forward(x: torch.Tensor, theta: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     """Logits [B, out, D, H, W] of the UNet for x [B, in, D, H, W], sample b using theta[b]."""
     p = unpack_theta(theta, config)
-    x = _block(x, p, "conv_init", "norm_init")
+    x = conv_block(x, p, "conv_init", "norm_init")
     for i in range(config.convs_per_level):
-        x = _block(x, p, f"conv_0_{i}", f"norm_0_{i}")
+        x = conv_block(x, p, f"conv_0_{i}", f"norm_0_{i}")
     skips = [x]
     for level in range(config.levels):
-        x = _block(x, p, f"down_{level}", f"down_norm_{level}", stride=2)
+        x = conv_block(x, p, f"down_{level}", f"down_norm_{level}", stride=2)
         for i in range(config.convs_per_level):
-            x = _block(x, p, f"conv_{level + 1}_{i}", f"norm_{level + 1}_{i}")
+            x = conv_block(x, p, f"conv_{level + 1}_{i}", f"norm_{level + 1}_{i}")
         skips.append(x)
     for level in reversed(range(config.levels)):
-        x = torch.cat([_up_block(x, p, level), skips[level]], dim=1)
+        x = torch.cat([up_block(x, p, level), skips[level]], dim=1)
         for i in range(config.convs_per_level):
-            x = _block(x, p, f"dec_conv_{level}_{i}", f"dec_norm_{level}_{i}")
+            x = conv_block(x, p, f"dec_conv_{level}_{i}", f"dec_norm_{level}_{i}")
     return per_sample_conv3d(x, p["conv_final.weight"], p["conv_final.bias"], padding=1)
 
 

@@ -9,6 +9,10 @@ and leave a checkpoint to resume from.
 Faults cost as little as they can: a NaN or Inf loss skips its step (and a run
 of them stops training with a checkpoint of the last good state), and a case
 whose cache becomes unreadable is reported and left out.
+
+Read top to bottom: `fit` prepares the data and the model, `train` runs the epochs,
+`train_epoch` the steps of one, `train_step` one optimizer step; the helpers for
+what can stop or disturb training, and for the run folder, come last.
 """
 from __future__ import annotations
 
@@ -66,6 +70,8 @@ from hypersort_core.model import HyperSORT, plain_unet
 from hypersort_core.run_folder import CONFIG_NAME, run_cache_dir, write_config
 
 SUM_KEYS = ("loss", "cross_entropy", "dice", "latent_l1")
+INTERRUPTED = "interrupted"  # why training stopped early: Ctrl-C or SIGTERM
+TIME_BUDGET = "time budget"  # ... or --max-minutes
 MAX_NONFINITE_IN_A_ROW = 5  # skipped NaN/Inf steps in a row that mean training has diverged
 LOADER_SEED = 1  # keeps the DataLoader's seeds apart from the process's own
 
@@ -79,14 +85,10 @@ class FitResult:
     run_dir: Path
     case_ids: list[str]
     epochs_done: int
-    stopped: str | None  # None (finished), "time budget" or "interrupted"
+    stopped: str | None  # None (finished), TIME_BUDGET or INTERRUPTED
     bad_cases: list[DataError]
     cache_dir: Path  # the prepared cases of these settings, reused by later runs
-    signal: int | None = None  # with stopped == "interrupted": the signal that asked for the stop (SIGINT, SIGTERM)
-
-
-
-
+    signal: int | None = None  # with stopped == INTERRUPTED: the signal that asked for the stop (SIGINT, SIGTERM)
 
 
 def estimated_step_seconds(config: TrainConfig) -> float:
@@ -106,122 +108,8 @@ def estimated_step_seconds(config: TrainConfig) -> float:
     return counter.get_total_flops() / rate
 
 
-class _StopFlag:
-    """Ctrl-C (SIGINT) or SIGTERM (torchrun, a batch scheduler) asks to stop after the current step and
-    save a checkpoint.  Further signals while that happens are ignored (and said so): a second Ctrl-C
-    must not throw away the checkpoint being written.  Once the context is left, signals act as before
-    (the CLI exits with 128 + the first signal's number: 130 for SIGINT, 143 for SIGTERM)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.signum: int | None = None  # the first signal received
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {number: signal.getsignal(number) for number in self.SIGNALS}
-
-        def request(signum, frame):
-            name = signal.Signals(signum).name
-            if self.requested:
-                _say(f"hsort: {name} ignored: still finishing the step and saving the checkpoint; it is on disk before hsort exits")
-                return
-            self.requested, self.signum = True, signum
-            _say(f"hsort: {name}: stopping after this step and saving a checkpoint (continue later with --resume); "
-                 "further Ctrl-C or SIGTERM are ignored until it is saved")
-
-        for number in self.SIGNALS:
-            signal.signal(number, request)
-        try:
-            yield
-        finally:
-            for number, handler in previous.items():
-                signal.signal(number, handler)
-
-
-def _say(message: str) -> None:
-    """A line on stderr from a signal handler (no tqdm lock: the handler may interrupt a tqdm write)."""
-    with contextlib.suppress(OSError, ValueError):
-        sys.stderr.write(f"\n{message}\n")
-        sys.stderr.flush()
-
-
-
-
-
-
-
-
-def prepare_data(data: Path, config: TrainConfig, cache_dir: Path, world: World = World(), progress: bool = True) -> tuple[PreparedData, TrainConfig]:
-    """Read, check and preprocess the dataset; the output channels follow the chosen labels.
-
-    With several processes, those of each machine prepare a share of the cases first (every machine
-    then has all of them, on a shared file system or not), and then all read the whole cache.
-    """
-    dataset = read_dataset(data, config.layout, split=config.split)
-    selection = select_labels(dataset, config.label)
-    config = replace(config, model=replace(config.model, out_channels=selection.num_classes))
-    if world.size > 1:
-        share = dataset.cases[world.local_rank :: world.local_size]
-        fill_cache(dataset, selection, config.preprocess, cache_dir, cases=share, workers=config.workers, progress=progress)
-        world.barrier()
-    prepared = prepare_cases(dataset, selection, config.preprocess, cache_dir, skip_bad=config.skip_bad, progress=progress, workers=config.workers)
-    return prepared, config
-
-
-def initial_model(config: TrainConfig, case_ids: list[str], device: torch.device) -> HyperSORT:
-    """The untrained model of a run: the same on every process, since all seed alike."""
-    torch.manual_seed(config.seed)
-    return HyperSORT(config.model, case_ids).to(device)
-
-
-def build_optimizers(model: HyperSORT, config: TrainConfig, device: torch.device) -> dict[str, torch.optim.Optimizer]:
-    fused = device.type == "cuda"
-    return {
-        "hypernet": torch.optim.Adam(model.hypernet.parameters(), lr=config.lr, fused=fused),
-        "latents": torch.optim.SparseAdam(model.latents.parameters(), lr=config.latent_lr, betas=config.latent_betas),
-    }
-
-
-def write_epoch_outputs(run_dir: Path, model: HyperSORT, state: TrainingState) -> None:
-    """The per-epoch files of the run folder, each replaced atomically."""
-    _check_run_folder(run_dir)
-    latents = model.latents.weight.detach().float().cpu().numpy()
-    write_latents_csv(run_dir, model.case_ids, latents)
-    plot_latent_map(run_dir, model.case_ids, latents, state.epoch)
-    if state.log_rows:
-        write_log_csv(run_dir, state.log_rows)
-        plot_progress(run_dir, state.log_rows)
-
-
-class RunFolderGone(CheckpointError):
-    """The run folder was deleted, moved or emptied while training ran: nothing more is written (a half folder would follow)."""
-
-
-def _check_run_folder(run_dir: Path) -> None:
-    """Before writing into the run folder: it must still be there, with its config.json (atomic writes create
-    missing parent folders, which would leave a half run folder that neither --resume nor a new fit accepts)."""
-    if not run_dir.is_dir():
-        raise RunFolderGone(f"{run_dir}: the run folder vanished during training (deleted or moved?); stopped without writing anything")
-    if not (run_dir / CONFIG_NAME).is_file():
-        raise RunFolderGone(f"{run_dir}: {CONFIG_NAME} vanished from the run folder during training; stopped without writing anything")
-
-
-@contextlib.contextmanager
-def _full_disk_is_a_clear_error(run_dir: Path) -> Iterator[None]:
-    """A full disk while writing the run folder: one line naming the file, not a traceback.
-    Every write is atomic, so the checkpoints already on disk stay as they were."""
-    try:
-        yield
-    except (OSError, RuntimeError) as error:  # RuntimeError: torch's zip writer wraps the OSError of a failed write
-        found = os_error_of(error)
-        if found is None or found.errno not in NO_SPACE_ERRNOS:
-            raise
-        raise CheckpointError(f"{found.filename or run_dir}: no space left on the device; the checkpoints already written are intact") from error
+# ---------------------------------------------------------------------------------------------
+# The run: from a dataset folder to a trained run folder
 
 
 def fit(
@@ -278,6 +166,37 @@ def _fit(world: World, data: Path, run_dir: Path, config: TrainConfig, resume: b
     return FitResult(run_dir, case_ids, state.epoch, stopped, prepared.bad + unreadable, prepared.cache_dir, stop.signum)
 
 
+def prepare_data(data: Path, config: TrainConfig, cache_dir: Path, world: World = World(), progress: bool = True) -> tuple[PreparedData, TrainConfig]:
+    """Read, check and preprocess the dataset; the output channels follow the chosen labels.
+
+    With several processes, those of each machine prepare a share of the cases first (every machine
+    then has all of them, on a shared file system or not), and then all read the whole cache.
+    """
+    dataset = read_dataset(data, config.layout, split=config.split)
+    selection = select_labels(dataset, config.label)
+    config = replace(config, model=replace(config.model, out_channels=selection.num_classes))
+    if world.size > 1:
+        share = dataset.cases[world.local_rank :: world.local_size]
+        fill_cache(dataset, selection, config.preprocess, cache_dir, cases=share, workers=config.workers, progress=progress)
+        world.barrier()
+    prepared = prepare_cases(dataset, selection, config.preprocess, cache_dir, skip_bad=config.skip_bad, progress=progress, workers=config.workers)
+    return prepared, config
+
+
+def initial_model(config: TrainConfig, case_ids: list[str], device: torch.device) -> HyperSORT:
+    """The untrained model of a run: the same on every process, since all seed alike."""
+    torch.manual_seed(config.seed)
+    return HyperSORT(config.model, case_ids).to(device)
+
+
+def build_optimizers(model: HyperSORT, config: TrainConfig, device: torch.device) -> dict[str, torch.optim.Optimizer]:
+    fused = device.type == "cuda"
+    return {
+        "hypernet": torch.optim.Adam(model.hypernet.parameters(), lr=config.lr, fused=fused),
+        "latents": torch.optim.SparseAdam(model.latents.parameters(), lr=config.latent_lr, betas=config.latent_betas),
+    }
+
+
 def _resume_payload(run_dir: Path, world: World) -> dict:
     """The checkpoint to continue from: rank 0 picks it (setting a damaged one aside), the others read the same file."""
     found = resume_latest_checkpoint(run_dir) if world.is_main else None
@@ -302,6 +221,10 @@ def _continue_with_other_process_count(state: TrainingState, config: TrainConfig
     state.processes = world.size
 
 
+# ---------------------------------------------------------------------------------------------
+# Epochs
+
+
 @dataclass
 class Trainer:
     """What every training step works with: the model, its two optimizers, the settings, where it runs.
@@ -323,7 +246,7 @@ class Trainer:
 
 def train(trainer: Trainer, state: TrainingState, training_set: TrainingSet, run_dir: Path, progress: bool, stop: _StopFlag,
           prepare_again: Callable[[int], str | None] | None = None) -> str | None:
-    """Train epoch after epoch until the last; returns why it stopped before ("interrupted", "time budget"), or None.
+    """Train epoch after epoch until the last; returns why it stopped before (INTERRUPTED, TIME_BUDGET), or None.
 
     prepare_again(index): prepares a case whose cache entry is found damaged again (None when that worked, else the problem)."""
     clock = _Clock(state.elapsed_seconds, trainer.config.max_minutes)
@@ -335,7 +258,7 @@ def train(trainer: Trainer, state: TrainingState, training_set: TrainingSet, run
             if stopped:
                 return stopped
         if stop.requested:  # a signal during the last epoch's outputs: the checkpoint is written, nothing more runs
-            return "interrupted"
+            return INTERRUPTED
     return None
 
 
@@ -373,61 +296,6 @@ def train_epoch(trainer: Trainer, state: TrainingState, training_set: TrainingSe
     return None
 
 
-def _epoch_loader(trainer: Trainer, state: TrainingState, training_set: TrainingSet, global_batches: list[list[int]]) -> DataLoader:
-    """This process's share of every batch (the shares differ in size by at most one case), loaded in workers."""
-    world = trainer.world
-    shares = [np.array_split(batch, world.size)[world.rank].tolist() for batch in global_batches]
-    return DataLoader(
-        ReadableCases(training_set),
-        batch_sampler=shares,
-        num_workers=trainer.config.workers,
-        # The loader's own generator keeps the global RNG (saved in checkpoints) untouched by resuming.
-        generator=torch.Generator().manual_seed(world.seed(trainer.config.seed, state.epoch, LOADER_SEED)),
-        collate_fn=collate_readable,
-        pin_memory=trainer.device.type == "cuda",  # page-locked batches: the copies to the GPU overlap compute
-    )
-
-
-class _Clock:
-    """Training time, counting the earlier sessions of a resumed run, against the --max-minutes budget."""
-
-    def __init__(self, elapsed_before: float, max_minutes: float | None) -> None:
-        self.started = time.monotonic() - elapsed_before
-        self.budget = None if max_minutes is None else max_minutes * 60
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self.started
-
-    def over_budget(self) -> bool:
-        return self.budget is not None and self.elapsed() > self.budget
-
-
-@dataclass
-class _RunFolderWriter:
-    """Checkpoints and per-epoch outputs: rank 0 writes, every process takes part."""
-
-    run_dir: Path
-    trainer: Trainer
-    state: TrainingState
-    clock: _Clock
-
-    def checkpoint(self) -> None:
-        """Every process's random state into rank 0's checkpoint; once this returns, the file is on disk."""
-        world = self.trainer.world
-        self.state.elapsed_seconds = self.clock.elapsed()
-        rng = world.gather(rng_state())
-        if world.is_main:
-            _check_run_folder(self.run_dir)
-            save_checkpoint(self.run_dir, self.trainer.model, self.trainer.optimizers, self.state, rng)
-        world.barrier()
-
-    def save_progress(self) -> None:
-        """A checkpoint and the per-epoch files, when training stops mid-epoch."""
-        self.checkpoint()
-        if self.trainer.world.is_main:
-            write_epoch_outputs(self.run_dir, self.trainer.model, self.state)
-
-
 def _start_epoch(state: TrainingState, n_cases: int, seed: int) -> None:
     """A fresh random case order (the same in every process), without the cases whose cache became unreadable."""
     generator = torch.Generator().manual_seed(derived_seed(seed, state.epoch))
@@ -444,6 +312,37 @@ def _global_batches(state: TrainingState, size: int) -> list[list[int]]:
     return [rest[i : i + size] for i in range(0, len(rest), size)]
 
 
+def _epoch_loader(trainer: Trainer, state: TrainingState, training_set: TrainingSet, global_batches: list[list[int]]) -> DataLoader:
+    """This process's share of every batch (the shares differ in size by at most one case), loaded in workers."""
+    world = trainer.world
+    shares = [np.array_split(batch, world.size)[world.rank].tolist() for batch in global_batches]
+    return DataLoader(
+        ReadableCases(training_set),
+        batch_sampler=shares,
+        num_workers=trainer.config.workers,
+        # The loader's own generator keeps the global RNG (saved in checkpoints) untouched by resuming.
+        generator=torch.Generator().manual_seed(world.seed(trainer.config.seed, state.epoch, LOADER_SEED)),
+        collate_fn=collate_readable,
+        pin_memory=trainer.device.type == "cuda",  # page-locked batches: the copies to the GPU overlap compute
+    )
+
+
+def _finish_epoch(model: HyperSORT, state: TrainingState, steps: int, seconds: float, progress: bool) -> None:
+    """Close the epoch: one log row, and a fresh case order next time."""
+    state.epoch += 1
+    summed = state.epoch_sums["steps"]
+    row = {"epoch": state.epoch, "steps": steps, **{key: state.epoch_sums[key] / summed if summed else math.nan for key in SUM_KEYS}}
+    row.update(skipped_steps=state.skipped_in_epoch, latent_norm=_mean_latent_norm(model), seconds=round(seconds, 2))
+    state.log_rows.append(row)
+    state.epoch_order = []
+    if progress:
+        tqdm.write(f"epoch {state.epoch}: loss {row['loss']:.4f} (ce {row['cross_entropy']:.4f}, dice {row['dice']:.4f}) mean |λ| {row['latent_norm']:.4f}  {seconds:.0f}s")
+
+
+# ---------------------------------------------------------------------------------------------
+# One step
+
+
 @dataclass
 class StepResult:
     """One training step as all processes took it together."""
@@ -452,7 +351,7 @@ class StepResult:
     terms: dict[str, float]  # batch means of the loss terms (SUM_KEYS), over all processes
     stepped: bool  # False: the loss was NaN or Inf, no parameter changed
     unreadable: list[tuple[int, str]]  # cases found unreadable in this step, as (index, problem)
-    stop: str | None  # "interrupted" or "time budget" when any process asked to stop after this step
+    stop: str | None  # INTERRUPTED or TIME_BUDGET when any process asked to stop after this step
 
     @property
     def loss(self) -> float:
@@ -492,7 +391,7 @@ def train_step(trainer: Trainer, batch: dict, global_batch: list[int] | None = N
         for optimizer in trainer.optimizers.values():
             optimizer.step()
     means = {key: total / cases if cases else math.nan for key, total in zip(SUM_KEYS, summed[4:])}
-    stop = "interrupted" if interrupted else "time budget" if over_budget else None
+    stop = INTERRUPTED if interrupted else TIME_BUDGET if over_budget else None
     return StepResult(cases, means, stepped, unreadable, stop)
 
 
@@ -539,6 +438,68 @@ def _record_step(state: TrainingState, step: StepResult, report: bool) -> None:
         _warn(f"epoch {state.epoch + 1}, step {state.step_in_epoch + 1}: the loss is {step.loss}; step skipped ({state.skipped_in_a_row} in a row)")
 
 
+# ---------------------------------------------------------------------------------------------
+# What stops or disturbs training: signals, the time budget, NaN losses, unreadable cases
+
+
+class _StopFlag:
+    """Ctrl-C (SIGINT) or SIGTERM (torchrun, a batch scheduler) asks to stop after the current step and
+    save a checkpoint.  Further signals while that happens are ignored (and said so): a second Ctrl-C
+    must not throw away the checkpoint being written.  Once the context is left, signals act as before
+    (the CLI exits with 128 + the first signal's number: 130 for SIGINT, 143 for SIGTERM)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signum: int | None = None  # the first signal received
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {number: signal.getsignal(number) for number in self.SIGNALS}
+
+        def request(signum, frame):
+            name = signal.Signals(signum).name
+            if self.requested:
+                _say(f"hsort: {name} ignored: still finishing the step and saving the checkpoint; it is on disk before hsort exits")
+                return
+            self.requested, self.signum = True, signum
+            _say(f"hsort: {name}: stopping after this step and saving a checkpoint (continue later with --resume); "
+                 "further Ctrl-C or SIGTERM are ignored until it is saved")
+
+        for number in self.SIGNALS:
+            signal.signal(number, request)
+        try:
+            yield
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+
+
+def _say(message: str) -> None:
+    """A line on stderr from a signal handler (no tqdm lock: the handler may interrupt a tqdm write)."""
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.write(f"\n{message}\n")
+        sys.stderr.flush()
+
+
+class _Clock:
+    """Training time, counting the earlier sessions of a resumed run, against the --max-minutes budget."""
+
+    def __init__(self, elapsed_before: float, max_minutes: float | None) -> None:
+        self.started = time.monotonic() - elapsed_before
+        self.budget = None if max_minutes is None else max_minutes * 60
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def over_budget(self) -> bool:
+        return self.budget is not None and self.elapsed() > self.budget
+
+
 def _diverged(state: TrainingState, run_dir: Path) -> TrainingDiverged:
     return TrainingDiverged(
         f"training stopped: the loss was NaN or Inf for {MAX_NONFINITE_IN_A_ROW} steps in a row (epoch {state.epoch + 1}); "
@@ -581,13 +542,68 @@ def _mean_latent_norm(model: HyperSORT) -> float:
     return float(model.latents.weight.detach().norm(dim=1).mean())
 
 
-def _finish_epoch(model: HyperSORT, state: TrainingState, steps: int, seconds: float, progress: bool) -> None:
-    """Close the epoch: one log row, and a fresh case order next time."""
-    state.epoch += 1
-    summed = state.epoch_sums["steps"]
-    row = {"epoch": state.epoch, "steps": steps, **{key: state.epoch_sums[key] / summed if summed else math.nan for key in SUM_KEYS}}
-    row.update(skipped_steps=state.skipped_in_epoch, latent_norm=_mean_latent_norm(model), seconds=round(seconds, 2))
-    state.log_rows.append(row)
-    state.epoch_order = []
-    if progress:
-        tqdm.write(f"epoch {state.epoch}: loss {row['loss']:.4f} (ce {row['cross_entropy']:.4f}, dice {row['dice']:.4f}) mean |λ| {row['latent_norm']:.4f}  {seconds:.0f}s")
+# ---------------------------------------------------------------------------------------------
+# The run folder while training runs
+
+
+@dataclass
+class _RunFolderWriter:
+    """Checkpoints and per-epoch outputs: rank 0 writes, every process takes part."""
+
+    run_dir: Path
+    trainer: Trainer
+    state: TrainingState
+    clock: _Clock
+
+    def checkpoint(self) -> None:
+        """Every process's random state into rank 0's checkpoint; once this returns, the file is on disk."""
+        world = self.trainer.world
+        self.state.elapsed_seconds = self.clock.elapsed()
+        rng = world.gather(rng_state())
+        if world.is_main:
+            _check_run_folder(self.run_dir)
+            save_checkpoint(self.run_dir, self.trainer.model, self.trainer.optimizers, self.state, rng)
+        world.barrier()
+
+    def save_progress(self) -> None:
+        """A checkpoint and the per-epoch files, when training stops mid-epoch."""
+        self.checkpoint()
+        if self.trainer.world.is_main:
+            write_epoch_outputs(self.run_dir, self.trainer.model, self.state)
+
+
+def write_epoch_outputs(run_dir: Path, model: HyperSORT, state: TrainingState) -> None:
+    """The per-epoch files of the run folder, each replaced atomically."""
+    _check_run_folder(run_dir)
+    latents = model.latents.weight.detach().float().cpu().numpy()
+    write_latents_csv(run_dir, model.case_ids, latents)
+    plot_latent_map(run_dir, model.case_ids, latents, state.epoch)
+    if state.log_rows:
+        write_log_csv(run_dir, state.log_rows)
+        plot_progress(run_dir, state.log_rows)
+
+
+class RunFolderGone(CheckpointError):
+    """The run folder was deleted, moved or emptied while training ran: nothing more is written (a half folder would follow)."""
+
+
+def _check_run_folder(run_dir: Path) -> None:
+    """Before writing into the run folder: it must still be there, with its config.json (atomic writes create
+    missing parent folders, which would leave a half run folder that neither --resume nor a new fit accepts)."""
+    if not run_dir.is_dir():
+        raise RunFolderGone(f"{run_dir}: the run folder vanished during training (deleted or moved?); stopped without writing anything")
+    if not (run_dir / CONFIG_NAME).is_file():
+        raise RunFolderGone(f"{run_dir}: {CONFIG_NAME} vanished from the run folder during training; stopped without writing anything")
+
+
+@contextlib.contextmanager
+def _full_disk_is_a_clear_error(run_dir: Path) -> Iterator[None]:
+    """A full disk while writing the run folder: one line naming the file, not a traceback.
+    Every write is atomic, so the checkpoints already on disk stay as they were."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:  # RuntimeError: torch's zip writer wraps the OSError of a failed write
+        found = os_error_of(error)
+        if found is None or found.errno not in NO_SPACE_ERRNOS:
+            raise
+        raise CheckpointError(f"{found.filename or run_dir}: no space left on the device; the checkpoints already written are intact") from error

@@ -72,9 +72,15 @@ def unsupported_dtypes(dtypes: set[torch.dtype]) -> str | None:
     return f"dtype {', '.join(missing)}" if missing else None
 
 
+def stands_for_gpu(device: torch.device) -> bool:
+    """CUDA, or meta: tensors without data that stand for a GPU run when launches are only compiled
+    (`hsort bench --static`)."""
+    return device.type in ("cuda", "meta")
+
+
 def dot_precision(dtype: torch.dtype, device: torch.device, tf32_allowed: bool) -> str:
     """tl.dot's input precision: TF32 for float32 only where PyTorch itself allows it, IEEE otherwise."""
-    return "tf32" if dtype == torch.float32 and device.type == "cuda" and tf32_allowed else "ieee"
+    return "tf32" if dtype == torch.float32 and stands_for_gpu(device) and tf32_allowed else "ieee"
 
 
 def autocast_inputs(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import autocast_inputs, triton_runs, unsupported_dtypes
+from .conv_shapes import Triple, conv_output_size, conv_transpose_output_size
 
 IntOr3 = int | tuple[int, int, int]
-Triple = tuple[int, int, int]
 
 
 def _check_batched(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cin_dim: int) -> None:
@@ -70,14 +70,6 @@ def _triple(value: IntOr3) -> Triple:
     return (value,) * 3 if isinstance(value, int) else tuple(value)
 
 
-def conv_output_size(size: Triple, kernel_size: Triple, stride: Triple, padding: Triple) -> Triple:
-    """Spatial size of a conv's output."""
-    return tuple((n + 2 * p - k) // s + 1 for n, k, s, p in zip(size, kernel_size, stride, padding))
-
-
-def conv_transpose_output_size(size: Triple, kernel_size: Triple, stride: Triple, padding: Triple) -> Triple:
-    """Spatial size of a transposed conv's output (no output padding)."""
-    return tuple((n - 1) * s - 2 * p + k for n, k, s, p in zip(size, kernel_size, stride, padding))
 
 
 def _unsupported(tensors: tuple[torch.Tensor | None, ...], stride: Triple, padding: Triple, out_size: Triple) -> str | None:

@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import dot_precision, interpreting
-from .per_sample_conv3d import Triple, conv_output_size, conv_transpose_output_size
+from ._dispatch import dot_precision, interpreting, stands_for_gpu
+from .conv_shapes import Triple, conv_output_size, conv_transpose_output_size
 
 NUM_WARPS = 4
 
@@ -39,31 +39,10 @@ NUM_WARPS = 4
 
 @triton.jit
 def _voxel_coordinates(index, H, W):
-    """(d, h, w) of flat voxel indices over a [*, H, W] grid."""
+    """(d, h, w) of flat voxel indices over a [*, H, W] grid (int32: computed once per tile, outside the loops)."""
     w = index % W
     hd = index // W
     return hd // H, hd % H, w
-
-
-@triton.jit
-def _im2col_tile(x_base, in_d, in_h, in_w, row_ok, ks, K, C, D, H, W, KH, KW,
-                 stride_d, stride_h, stride_w, stride_c):
-    """The [rows, ks] tile of the im2col matrix: x at (in_d + kd, in_h + kh, in_w + kw, c), zero outside.
-
-    A column k of K = (kd, kh, kw, c) with c innermost, so a run of columns is a run of contiguous channels.
-    """
-    c = ks % C
-    tap = ks // C
-    kw = tap % KW
-    kh = (tap // KW) % KH
-    kd = tap // (KW * KH)
-    d = in_d[:, None] + kd[None, :]
-    h = in_h[:, None] + kh[None, :]
-    w = in_w[:, None] + kw[None, :]
-    inside = (d >= 0) & (d < D) & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-    mask = row_ok[:, None] & (ks < K)[None, :] & inside
-    offsets = d * stride_d + h * stride_h + w * stride_w + (c * stride_c)[None, :]
-    return tl.load(x_base + offsets, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -78,65 +57,100 @@ def _dot(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _accumulate_run(acc, x_base, w_slab, row_offsets, ok, w0, W, stride_w, first_tap, k0, k_live, cols, col_ok,
+                    TAPS: tl.constexpr, TAP_STEP: tl.constexpr, KW: tl.constexpr, C_IN: tl.constexpr,
+                    C_OUT: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + columns k0 .. k0 + BLOCK_K of one run of taps along w, for every row, times their rows of the
+    weight slab w_slab ([KW, C_IN, C_OUT], the taps of one (kd, kh)).
+
+    Along w a run of taps reads consecutive voxels, which channels-last memory holds as one contiguous run of
+    TAPS x C_IN values: a row's run is one offset (`row_offsets`, column group 0 at voxel `w0`) plus column
+    offsets that do not depend on the row.  Per row and run there is one offset and the d/h bounds test
+    (`ok`); per column group the w test.  Column group g (voxel w0 + g) meets weight tap first_tap +
+    TAP_STEP * g; columns from `k_live` on (0: the whole run is missing) and taps outside [0, KW) add nothing.
+    """
+    ks = k0 + tl.arange(0, BLOCK_K)
+    g = ks // C_IN
+    c = ks % C_IN
+    tap = first_tap + TAP_STEP * g
+    k_ok = (ks < k_live) & (ks < TAPS * C_IN) & (tap >= 0) & (tap < KW)
+    w = w0[:, None] + g[None, :]
+    a = tl.load(x_base + row_offsets[:, None] + (g * stride_w + c)[None, :],
+                mask=ok[:, None] & k_ok[None, :] & (w >= 0) & (w < W), other=0.0)
+    wt = tl.load(w_slab + (tap * C_IN + c)[:, None] * C_OUT + cols[None, :], mask=k_ok[:, None] & col_ok[None, :],
+                 other=0.0)
+    return _dot(a, wt, acc, INPUT_PRECISION, UPCAST)
+
+
+@triton.jit
 def _store_output_tile(acc, bias_ptr, y_ptr, pid_b, od, oh, ow, cols, row_ok, col_ok,
-                       stride_bb, stride_bn, stride_yb, stride_yd, stride_yh, stride_yw, stride_yc, HAS_BIAS: tl.constexpr):
+                       stride_bb, stride_yb, stride_yd, stride_yh, stride_yw, HAS_BIAS: tl.constexpr):
     """The forward kernels' epilogue: add the sample's bias to the fp32 tile and store it in y's dtype."""
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + pid_b * stride_bb + cols * stride_bn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    y_offsets = pid_b * stride_yb + (od * stride_yd + oh * stride_yh + ow * stride_yw)[:, None] + (cols * stride_yc)[None, :]
-    tl.store(y_ptr + y_offsets, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        acc += tl.load(bias_ptr + pid_b * stride_bb + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    y_offsets = (od * stride_yd + oh * stride_yh + ow * stride_yw)[:, None] + cols[None, :]
+    tl.store(y_ptr + pid_b * stride_yb + y_offsets, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
 def _per_sample_conv3d_forward_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr,
-    C_IN, D_IN, H_IN, W_IN,
-    C_OUT, D_OUT, H_OUT, W_OUT,
-    KD, KH, KW, SD, SH, SW, PD, PH, PW,
-    stride_xb, stride_xd, stride_xh, stride_xw, stride_xc,
-    stride_wb, stride_wk, stride_wn,
-    stride_bb, stride_bn,
-    stride_yb, stride_yd, stride_yh, stride_yw, stride_yc,
+    D_IN: tl.constexpr, H_IN: tl.constexpr, W_IN: tl.constexpr,
+    D_OUT: tl.constexpr, H_OUT: tl.constexpr, W_OUT: tl.constexpr,
+    stride_xb, stride_xd, stride_xh, stride_xw,
+    stride_wb, stride_bb,
+    stride_yb, stride_yd, stride_yh, stride_yw,
+    C_IN: tl.constexpr, C_OUT: tl.constexpr,
+    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """y[b, m, n] = sum_k im2col(x[b])[m, k] * w[b, k, n] + bias[b, n], w the tap-major [B, K, Cout] weight."""
-    pid_m = tl.program_id(0).to(tl.int64)
+    """y[b, m, n] = sum over taps t and channels c of x[b, m * s - p + t, c] * w[b, t, c, n] + bias[b, n], w the
+    tap-major [B, kd, kh, kw, Cin, Cout] weight; one loop trip per (kd, kh)."""
+    pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    pid_b = tl.program_id(2).to(tl.int64)
+    pid_b = tl.program_id(2).to(tl.int64)  # 64-bit only in the base pointers
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < D_OUT * H_OUT * W_OUT
     od, oh, ow = _voxel_coordinates(rows, H_OUT, W_OUT)
+    in_d, in_h, in_w = od * SD - PD, oh * SH - PH, ow * SW - PW
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < C_OUT
 
     x_base = x_ptr + pid_b * stride_xb
     w_base = w_ptr + pid_b * stride_wb
-    K = KD * KH * KW * C_IN
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        a = _im2col_tile(x_base, od * SD - PD, oh * SH - PH, ow * SW - PW, row_ok, ks, K, C_IN, D_IN, H_IN, W_IN,
-                         KH, KW, stride_xd, stride_xh, stride_xw, stride_xc)
-        w = tl.load(w_base + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
-                    mask=(ks < K)[:, None] & col_ok[None, :], other=0.0)
-        acc = _dot(a, w, acc, INPUT_PRECISION, UPCAST)
+    CHUNKS: tl.constexpr = (KW * C_IN + BLOCK_K - 1) // BLOCK_K
+    for step in range(KD * KH * CHUNKS):  # one trip per chunk of a (kd, kh)'s run of KW taps along w
+        slab = step // CHUNKS
+        kd = slab // KH
+        kh = slab % KH
+        d = in_d + kd
+        h = in_h + kh
+        ok = row_ok & (d >= 0) & (d < D_IN) & (h >= 0) & (h < H_IN)
+        acc = _accumulate_run(acc, x_base, w_base + slab * (KW * C_IN * C_OUT), d * stride_xd + h * stride_xh + in_w * stride_xw,
+                              ok, in_w, W_IN, stride_xw, 0, (step % CHUNKS) * BLOCK_K, KW * C_IN, cols, col_ok,
+                              KW, 1, KW, C_IN, C_OUT, BLOCK_K, INPUT_PRECISION, UPCAST)
 
     _store_output_tile(acc, bias_ptr, y_ptr, pid_b, od, oh, ow, cols, row_ok, col_ok,
-                       stride_bb, stride_bn, stride_yb, stride_yd, stride_yh, stride_yw, stride_yc, HAS_BIAS)
+                       stride_bb, stride_yb, stride_yd, stride_yh, stride_yw, HAS_BIAS)
 
 
 @triton.jit
 def _per_sample_conv_transpose3d_forward_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr,
-    C_IN, D_IN, H_IN, W_IN,
-    C_OUT, D_OUT, H_OUT, W_OUT,
-    KD, KH, KW, SD, SH, SW, PD, PH, PW,
-    stride_xb, stride_xd, stride_xh, stride_xw, stride_xc,
-    stride_wb, stride_wd, stride_wh, stride_ww, stride_wc, stride_wn,
-    stride_bb, stride_bn,
-    stride_yb, stride_yd, stride_yh, stride_yw, stride_yc,
+    D_IN: tl.constexpr, H_IN: tl.constexpr, W_IN: tl.constexpr,
+    D_OUT: tl.constexpr, H_OUT: tl.constexpr, W_OUT: tl.constexpr,
+    stride_xb, stride_xd, stride_xh, stride_xw,
+    stride_wb, stride_bb,
+    stride_yb, stride_yd, stride_yh, stride_yw,
+    C_IN: tl.constexpr, C_OUT: tl.constexpr,
+    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -144,14 +158,13 @@ def _per_sample_conv_transpose3d_forward_kernel(
 
     Gathered per output phase (i mod s per axis): within one phase the contributing taps are fixed,
     t = r, r + s, ... with r = (phase + p) mod s, so a k4 s2 program multiplies its 8 live taps and not
-    all 64.  The grid's third axis enumerates (sample, phase).
+    all 64.  The grid's third axis enumerates (sample, phase); one loop trip per live (kd, kh).
     """
-    pid_m = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_bp = tl.program_id(2)
-    phases = SD * SH * SW
-    pid_b = (pid_bp // phases).to(tl.int64)
-    phase = pid_bp % phases
+    pid_b = (pid_bp // (SD * SH * SW)).to(tl.int64)
+    phase = pid_bp % (SD * SH * SW)
     phase_d = phase // (SH * SW)
     phase_h = (phase // SW) % SH
     phase_w = phase % SW
@@ -175,93 +188,118 @@ def _per_sample_conv_transpose3d_forward_kernel(
     base_d = qd + (phase_d + PD) // SD
     base_h = qh + (phase_h + PH) // SH
     base_w = qw + (phase_w + PW) // SW
-    TH = tl.cdiv(KH, SH)
-    TW = tl.cdiv(KW, SW)
-    K = tl.cdiv(KD, SD) * TH * TW * C_IN
+    TD: tl.constexpr = (KD + SD - 1) // SD
+    TH: tl.constexpr = (KH + SH - 1) // SH
+    TW: tl.constexpr = (KW + SW - 1) // SW
 
     x_base = x_ptr + pid_b * stride_xb
     w_base = w_ptr + pid_b * stride_wb
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        c = ks % C_IN
-        j = ks // C_IN
-        jw = j % TW
-        jh = (j // TW) % TH
-        jd = j // (TW * TH)
+    w0 = base_w - (TW - 1)  # the run's voxels ascend along w while its taps j descend: group g is j = TW - 1 - g
+    first_tap = rw + (TW - 1) * SW
+    CHUNKS: tl.constexpr = (TW * C_IN + BLOCK_K - 1) // BLOCK_K
+    for step in range(TD * TH * CHUNKS):  # one trip per chunk of a live (kd, kh)'s run of taps along w
+        slab = step // CHUNKS
+        jd = slab // TH
+        jh = slab % TH
         td = rd + jd * SD
         th = rh + jh * SH
-        tw = rw + jw * SW
-        k_ok = (ks < K) & (td < KD) & (th < KH) & (tw < KW)
-        d = base_d[:, None] - jd[None, :]
-        h = base_h[:, None] - jh[None, :]
-        w = base_w[:, None] - jw[None, :]
-        inside = (d >= 0) & (d < D_IN) & (h >= 0) & (h < H_IN) & (w >= 0) & (w < W_IN)
-        a = tl.load(x_base + d * stride_xd + h * stride_xh + w * stride_xw + (c * stride_xc)[None, :],
-                    mask=row_ok[:, None] & k_ok[None, :] & inside, other=0.0)
-        w_offsets = td * stride_wd + th * stride_wh + tw * stride_ww + c * stride_wc
-        wt = tl.load(w_base + w_offsets[:, None] + (cols * stride_wn)[None, :],
-                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = _dot(a, wt, acc, INPUT_PRECISION, UPCAST)
+        d = base_d - jd
+        h = base_h - jh
+        ok = row_ok & (d >= 0) & (d < D_IN) & (h >= 0) & (h < H_IN)
+        k_live = tl.where((td < KD) & (th < KH), TW * C_IN, 0)  # 0: this phase lacks the slab
+        acc = _accumulate_run(acc, x_base, w_base + (td * KH + th) * (KW * C_IN * C_OUT),
+                              d * stride_xd + h * stride_xh + w0 * stride_xw, ok, w0, W_IN, stride_xw, first_tap,
+                              (step % CHUNKS) * BLOCK_K, k_live,
+                              cols, col_ok, TW, -SW, KW, C_IN, C_OUT, BLOCK_K, INPUT_PRECISION, UPCAST)
 
     _store_output_tile(acc, bias_ptr, y_ptr, pid_b, od, oh, ow, cols, row_ok, col_ok,
-                       stride_bb, stride_bn, stride_yb, stride_yd, stride_yh, stride_yw, stride_yc, HAS_BIAS)
+                       stride_bb, stride_yb, stride_yd, stride_yh, stride_yw, HAS_BIAS)
 
 
 @triton.jit
 def _per_sample_conv3d_weight_grad_kernel(
     g_ptr, x_ptr, partial_w_ptr, partial_b_ptr,
-    C_G, D_G, H_G, W_G,
-    C_X, D_X, H_X, W_X,
-    KD, KH, KW, SD, SH, SW, PD, PH, PW,
-    stride_gb, stride_gd, stride_gh, stride_gw, stride_gc,
-    stride_xb, stride_xd, stride_xh, stride_xw, stride_xc,
-    ROWS_PER_SPLIT, SPLITS,
-    SUM_ROWS: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    TILES_PER_SPLIT, SPLITS,
+    D_G: tl.constexpr, H_G: tl.constexpr, W_G: tl.constexpr,
+    D_X: tl.constexpr, H_X: tl.constexpr, W_X: tl.constexpr,
+    C_G: tl.constexpr, C_X: tl.constexpr,
+    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    FLAT: tl.constexpr, SUM_ROWS: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """partial_w[b, split, n, k] = sum over this split's voxels m of g[b, m, n] * im2col(x[b])[m, k].
+    """partial_w[b, split, k, n] = sum over this split's voxels m of im2col(x[b])[m, k] * g[b, m, n].
 
-    g lives on the conv's output grid, x on its input grid.  With SUM_ROWS the column-0 programs also
-    write partial_b[b, split, n] = sum_m g[b, m, n], the conv's bias gradient, from the tiles they load anyway.
+    g (contiguous [B, D_G, H_G, W_G, C_G]) lives on the conv's output grid, x (contiguous [B, D_X, H_X, W_X, C_X])
+    on its input grid, k = (kd, kh, kw, c) with c innermost.  A program owns one chunk of one (kd, kh) slab's
+    run of KW x C_X columns (contiguous in x, as in the forward kernels; with FLAT, a K of at most one tile such
+    as the first layer's 27 x 1, every tap) and sweeps tiles of BLOCK_M consecutive voxels along one w-line of
+    g: for them the im2col rows are a sliding window over one line of x, so every offset and bounds test is a
+    constant of the tile plus one scalar per line, and no per-voxel index arithmetic remains.  The K chunk is
+    the dot's M (>= 64, so Hopper's wgmma applies whatever Cout is).  With SUM_ROWS the first chunk's programs
+    also write partial_b[b, split, n] = sum_m g[b, m, n], the conv's bias gradient, from the tiles they load.
     """
     pid_nk = tl.program_id(0)
     pid_bs = tl.program_id(1)
-    K = KD * KH * KW * C_X
-    k_blocks = tl.cdiv(K, BLOCK_K)
-    pid_n = pid_nk // k_blocks
-    pid_k = pid_nk % k_blocks
+    SLABS: tl.constexpr = 1 if FLAT else KD * KH
+    RUN_K: tl.constexpr = (KD * KH * KW if FLAT else KW) * C_X
+    CHUNKS: tl.constexpr = (RUN_K + BLOCK_K - 1) // BLOCK_K
+    W_BLOCKS: tl.constexpr = (W_G + BLOCK_M - 1) // BLOCK_M
+    TILES: tl.constexpr = D_G * H_G * W_BLOCKS
+    pid_n = pid_nk // (SLABS * CHUNKS)
+    slab = (pid_nk // CHUNKS) % SLABS
+    chunk = pid_nk % CHUNKS
     pid_b = (pid_bs // SPLITS).to(tl.int64)
-    split = (pid_bs % SPLITS).to(tl.int64)
+    split = pid_bs % SPLITS
 
     ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = ns < C_G
-    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    M = D_G * H_G * W_G
-    g_base = g_ptr + pid_b * stride_gb
-    x_base = x_ptr + pid_b * stride_xb
+    ks = chunk * BLOCK_K + tl.arange(0, BLOCK_K)  # column of the slab's run: tap * C_X + c
+    k_ok = ks < RUN_K
+    col_tap = ks // C_X
+    if FLAT:  # every column its own (kd, kh, kw)
+        col_d = col_tap // (KH * KW)
+        col_h = (col_tap // KW) % KH
+        col_w = col_tap % KW
+    else:  # one (kd, kh) for every column, as vectors so that every bounds test below is one of vectors
+        col_d = slab // KH + tl.zeros_like(ks)
+        col_h = slab % KH + tl.zeros_like(ks)
+        col_w = col_tap
+    col_offsets = (col_d * H_X + col_h) * (W_X * C_X) + col_w * C_X + ks % C_X
+    r = tl.arange(0, BLOCK_M)
+    g_base = g_ptr + pid_b * (D_G * H_G * W_G * C_G)
+    x_base = x_ptr + pid_b * (D_X * H_X * W_X * C_X)
 
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    row_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    first_row = split * ROWS_PER_SPLIT
-    for m0 in range(0, ROWS_PER_SPLIT, BLOCK_M):
-        rows = first_row + m0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < M
-        od, oh, ow = _voxel_coordinates(rows, H_G, W_G)
-        g_offsets = (od * stride_gd + oh * stride_gh + ow * stride_gw)[None, :] + (ns * stride_gc)[:, None]
-        g_t = tl.load(g_base + g_offsets, mask=n_ok[:, None] & row_ok[None, :], other=0.0)
-        a = _im2col_tile(x_base, od * SD - PD, oh * SH - PH, ow * SW - PW, row_ok, ks, K, C_X, D_X, H_X, W_X,
-                         KH, KW, stride_xd, stride_xh, stride_xw, stride_xc)
-        acc = _dot(g_t, a, acc, INPUT_PRECISION, UPCAST)
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    g_sum = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # summed over rows once, after the loop
+    first = split * TILES_PER_SPLIT
+    for t in range(first, tl.minimum(first + TILES_PER_SPLIT, TILES)):
+        line = t // W_BLOCKS
+        w_start = (t % W_BLOCKS) * BLOCK_M
+        od = line // H_G
+        oh = line % H_G
+        row_ok = r < W_G - w_start
+        g = tl.load(g_base + (line * W_G + w_start) * C_G + (r * C_G)[:, None] + ns[None, :],
+                    mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+        d = od * SD - PD + col_d
+        h = oh * SH - PH + col_h
+        col_ok = k_ok & (d >= 0) & (d < D_X) & (h >= 0) & (h < H_X)
+        w = (w_start * SW - PW + r * SW)[:, None] + col_w[None, :]
+        x_line = x_base + ((od * SD - PD) * H_X + (oh * SH - PH)) * (W_X * C_X) + (w_start * SW - PW) * C_X
+        a = tl.load(x_line + (r * (SW * C_X))[:, None] + col_offsets[None, :],
+                    mask=(row_ok[:, None] & col_ok[None, :]) & (w >= 0) & (w < W_X), other=0.0)
+        acc = _dot(tl.trans(a), g, acc, INPUT_PRECISION, UPCAST)
         if SUM_ROWS:
-            row_sum += tl.sum(g_t.to(tl.float32), axis=1)
+            g_sum += g.to(tl.float32)
 
     partial_base = pid_b * SPLITS + split
-    w_offsets = (partial_base * C_G + ns)[:, None] * K + ks[None, :]
-    tl.store(partial_w_ptr + w_offsets, acc, mask=n_ok[:, None] & (ks < K)[None, :])
+    w_offsets = (partial_base * (SLABS * RUN_K) + slab * RUN_K + ks)[:, None] * C_G + ns[None, :]
+    tl.store(partial_w_ptr + w_offsets, acc, mask=k_ok[:, None] & n_ok[None, :])
     if SUM_ROWS:
-        if pid_k == 0:
-            tl.store(partial_b_ptr + partial_base * C_G + ns, row_sum, mask=n_ok)
+        if slab + chunk == 0:
+            tl.store(partial_b_ptr + partial_base * C_G + ns, tl.sum(g_sum, axis=0), mask=n_ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,11 +316,25 @@ def _from_ndhwc(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 4, 1, 2, 3)
 
 
-def _data_blocks(c_out: int) -> tuple[int, int, int]:
+def _data_blocks(run_k: int, c_out: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K) of the forward kernels: all output channels in one tile up to 128, so a
-    gathered activation tile is loaded once, and at most 8K fp32 accumulators per program (64 per thread)."""
+    gathered activation tile is loaded once, at most 8K fp32 accumulators per program (64 per thread), and a
+    run of taps along w (run_k = taps x Cin columns) in chunks of up to 64 (at least 16, the dot's least K)."""
     block_n = min(max(triton.next_power_of_2(c_out), 16), 128)
-    return (64 if block_n == 128 else 128), block_n, 32
+    block_k = min(max(triton.next_power_of_2(run_k), 16), 64)
+    return (64 if block_n == 128 else 128), block_n, block_k
+
+
+def _geometry(kernel_size: Triple, stride: Triple, padding: Triple) -> dict[str, int]:
+    """Kernel size, stride and padding as the kernels' constexprs: each layer's loops are unrolled and its
+    index arithmetic folded for its own shape (the UNet has a handful)."""
+    names = ("KD", "KH", "KW", "SD", "SH", "SW", "PD", "PH", "PW")
+    return dict(zip(names, (*kernel_size, *stride, *padding)))
+
+
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    """t with contiguous channels (its last axis), which the kernels' vector loads assume."""
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _precision(x: torch.Tensor) -> str:
@@ -293,9 +345,29 @@ def _upcast(x: torch.Tensor) -> bool:
     return x.dtype == torch.bfloat16 and interpreting()
 
 
-def _bias_args(bias: torch.Tensor | None, fallback: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Bias pointer and strides; a kernel without bias gets any pointer and never reads it."""
-    return (fallback, (0, 0)) if bias is None else (bias, bias.stride())
+def _bias_args(bias: torch.Tensor | None, fallback: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Bias pointer and batch stride; a kernel without bias gets any pointer and never reads it."""
+    if bias is None:
+        return fallback, 0
+    bias = _channels_last(bias)
+    return bias, bias.stride(0)
+
+
+def _launch_data_kernel(kernel, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
+                        grid: tuple[int, int, int], blocks: tuple[int, int, int], kernel_size: Triple, stride: Triple,
+                        padding: Triple) -> torch.Tensor:
+    """Launch a forward kernel on channels-last x, the tap-major [B, kd, kh, kw, Cin, Cout] weight w and y."""
+    x = _channels_last(x)
+    bias_ptr, bias_stride = _bias_args(bias, y)
+    block_m, block_n, block_k = blocks
+    kernel[grid](
+        x, w, bias_ptr, y,
+        *x.shape[1:4], *y.shape[1:4], *x.stride()[:4], w.stride(0), bias_stride, *y.stride()[:4],
+        C_IN=x.shape[4], C_OUT=y.shape[4], **_geometry(kernel_size, stride, padding),
+        HAS_BIAS=bias is not None, INPUT_PRECISION=_precision(x), UPCAST=_upcast(x),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=NUM_WARPS,
+    )
+    return y
 
 
 def per_sample_conv3d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -307,17 +379,9 @@ def per_sample_conv3d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch
     out_size = conv_output_size(tuple(size), kernel_size, stride, padding)
     y = x.new_empty((batch, *out_size, c_out))
     w = weight.permute(0, 3, 4, 5, 2, 1).contiguous()  # [B, kd, kh, kw, Cin, Cout]: a [B, K, Cout] matrix
-    block_m, block_n, block_k = _data_blocks(c_out)
-    grid = (triton.cdiv(out_size[0] * out_size[1] * out_size[2], block_m), triton.cdiv(c_out, block_n), batch)
-    bias_ptr, bias_strides = _bias_args(bias, y)
-    _per_sample_conv3d_forward_kernel[grid](
-        x, w, bias_ptr, y,
-        c_in, *size, c_out, *out_size, *kernel_size, *stride, *padding,
-        *x.stride(), w.stride(0), w.stride(4), w.stride(5), *bias_strides, *y.stride(),
-        HAS_BIAS=bias is not None, INPUT_PRECISION=_precision(x), UPCAST=_upcast(x),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=NUM_WARPS,
-    )
-    return y
+    blocks = _data_blocks(kernel_size[2] * c_in, c_out)
+    grid = (triton.cdiv(out_size[0] * out_size[1] * out_size[2], blocks[0]), triton.cdiv(c_out, blocks[1]), batch)
+    return _launch_data_kernel(_per_sample_conv3d_forward_kernel, x, w, bias, y, grid, blocks, kernel_size, stride, padding)
 
 
 def _launch_conv_transpose3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -327,27 +391,37 @@ def _launch_conv_transpose3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     c_out, kernel_size = weight.shape[2], tuple(weight.shape[3:])
     y = x.new_empty((batch, *out_size, c_out))
     w = weight.permute(0, 3, 4, 5, 1, 2).contiguous()  # [B, kd, kh, kw, Cin, Cout]
-    block_m, block_n, block_k = _data_blocks(c_out)
+    blocks = _data_blocks(triton.cdiv(kernel_size[2], stride[2]) * c_in, c_out)
     phase_voxels = 1
     for n, s in zip(out_size, stride):
         phase_voxels *= triton.cdiv(n, s)
-    grid = (triton.cdiv(phase_voxels, block_m), triton.cdiv(c_out, block_n), batch * stride[0] * stride[1] * stride[2])
-    bias_ptr, bias_strides = _bias_args(bias, y)
-    _per_sample_conv_transpose3d_forward_kernel[grid](
-        x, w, bias_ptr, y,
-        c_in, *size, c_out, *out_size, *kernel_size, *stride, *padding,
-        *x.stride(), *w.stride(), *bias_strides, *y.stride(),
-        HAS_BIAS=bias is not None, INPUT_PRECISION=_precision(x), UPCAST=_upcast(x),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=NUM_WARPS,
-    )
-    return y
+    grid = (triton.cdiv(phase_voxels, blocks[0]), triton.cdiv(c_out, blocks[1]), batch * stride[0] * stride[1] * stride[2])
+    return _launch_data_kernel(_per_sample_conv_transpose3d_forward_kernel, x, w, bias, y, grid, blocks, kernel_size,
+                               stride, padding)
+
+
+HOPPER_MULTIPROCESSORS = 132  # H100 SXM and H200: what meta tensors stand for (`hsort bench --static`)
+
+
+def _multiprocessors(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return HOPPER_MULTIPROCESSORS
 
 
 def _target_programs(device: torch.device) -> int:
     """Programs that keep a GPU busy; under the interpreter a few, which still exercises the split reduction."""
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 8
+    return 4 * _multiprocessors(device) if stands_for_gpu(device) else 8
+
+
+TILE_COST = 60  # instructions a weight-gradient tile issues besides those per voxel (`hsort bench --static`)
+
+
+def _line_block(width: int) -> int:
+    """BLOCK_M of the weight gradient: tiles of voxels along a w-line of `width`.  A tile issues about
+    TILE_COST + BLOCK_M instructions per thread whatever share of its voxels lies inside the line, so take the
+    size from 128, 64, 32, 16 with the fewest instructions per voxel inside."""
+    return min((128, 64, 32, 16), key=lambda block: (TILE_COST + block) * triton.cdiv(width, block) / width)
 
 
 def _launch_weight_grad(g: torch.Tensor, x: torch.Tensor, kernel_size: Triple, stride: Triple, padding: Triple,
@@ -356,26 +430,28 @@ def _launch_weight_grad(g: torch.Tensor, x: torch.Tensor, kernel_size: Triple, s
 
     Returns dw as [B, N, C, kd, kh, kw] in float32 and, with `bias_grad`, sum_m g[b, m, n] as [B, N].
     """
+    g, x = g.contiguous(), x.contiguous()  # [B, D, H, W, C] views of channels-last memory: free
     batch, *g_size, c_g = g.shape
     _, *x_size, c_x = x.shape
     K = kernel_size[0] * kernel_size[1] * kernel_size[2] * c_x
-    rows = g_size[0] * g_size[1] * g_size[2]
-    block_m, block_k = 64, 64
+    block_m, block_k = _line_block(g_size[2]), 64
     block_n = min(max(triton.next_power_of_2(c_g), 16), 64)
-    tiles = triton.cdiv(c_g, block_n) * triton.cdiv(K, block_k)
-    splits = max(1, min(triton.cdiv(rows, block_m), triton.cdiv(_target_programs(g.device), batch * tiles)))
-    rows_per_split = triton.cdiv(triton.cdiv(rows, splits), block_m) * block_m
-    splits = triton.cdiv(rows, rows_per_split)
-    partial_w = torch.empty((batch, splits, c_g, K), device=g.device, dtype=torch.float32)
+    flat = K <= block_k  # one tile holds every tap: better than a run of KW x C_X padded to 64 for tiny C_X
+    slabs, run_k = (1, K) if flat else (kernel_size[0] * kernel_size[1], kernel_size[2] * c_x)
+    tiles = triton.cdiv(c_g, block_n) * slabs * triton.cdiv(run_k, block_k)
+    line_tiles = g_size[0] * g_size[1] * triton.cdiv(g_size[2], block_m)
+    splits = max(1, min(line_tiles, triton.cdiv(_target_programs(g.device), batch * tiles)))
+    tiles_per_split = triton.cdiv(line_tiles, splits)
+    splits = triton.cdiv(line_tiles, tiles_per_split)
+    partial_w = torch.empty((batch, splits, K, c_g), device=g.device, dtype=torch.float32)
     partial_b = torch.empty((batch, splits, c_g), device=g.device, dtype=torch.float32) if bias_grad else partial_w
     _per_sample_conv3d_weight_grad_kernel[(tiles, batch * splits)](
-        g, x, partial_w, partial_b,
-        c_g, *g_size, c_x, *x_size, *kernel_size, *stride, *padding,
-        *g.stride(), *x.stride(), rows_per_split, splits,
-        SUM_ROWS=bias_grad, INPUT_PRECISION=_precision(x), UPCAST=_upcast(x),
+        g, x, partial_w, partial_b, tiles_per_split, splits, *g_size, *x_size,
+        C_G=c_g, C_X=c_x, **_geometry(kernel_size, stride, padding),
+        FLAT=flat, SUM_ROWS=bias_grad, INPUT_PRECISION=_precision(x), UPCAST=_upcast(x),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=NUM_WARPS,
     )
-    dw = partial_w.sum(dim=1).view(batch, c_g, *kernel_size, c_x).permute(0, 1, 5, 2, 3, 4)
+    dw = partial_w.sum(dim=1).view(batch, *kernel_size, c_x, c_g).permute(0, 5, 4, 1, 2, 3)
     return dw, partial_b.sum(dim=1) if bias_grad else None
 
 

@@ -31,6 +31,7 @@ def dataset(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_synth_then_fit_prints_where_results_are_and_the_auroc(dataset, tmp_path):
     result = hsort("fit", dataset, "--out", tmp_path / "run", *TINY_FIT, "--epochs", 2)
     assert result.returncode == 0, result.stderr
@@ -42,6 +43,7 @@ def test_synth_then_fit_prints_where_results_are_and_the_auroc(dataset, tmp_path
         assert str(tmp_path / "run" / analysed) in result.stdout
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_then_resume_continues_from_the_checkpoint(dataset, tmp_path):
     run = tmp_path / "run"
     process = start_hsort("fit", dataset, "--out", run, *TINY_FIT, "--epochs", 200, "--checkpoint-every", 1)
@@ -62,6 +64,7 @@ def test_kill_9_mid_run_then_resume_continues_from_the_checkpoint(dataset, tmp_p
     assert torch.isfinite(resumed["model"]["latents.weight"]).all()
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(dataset, tmp_path):
     run = tmp_path / "run"
     process = start_hsort("fit", dataset, "--out", run, *TINY_FIT, "--epochs", 200, "--checkpoint-every", 100)
@@ -80,6 +83,7 @@ def test_resume_without_a_run_is_a_one_line_error(dataset, tmp_path):
 
 
 @pytest.mark.skipif(os.cpu_count() is None, reason="needs a CPU count")
+@pytest.mark.slow
 def test_paper_preset_on_cpu_prints_an_epoch_time_estimate(dataset, tmp_path):
     result = hsort("fit", dataset, "--out", tmp_path / "run", "--preset", "paper", "--roi", 16, "--base-channels", 2, "--epochs", 1, "--quiet")
     assert result.returncode == 0, result.stderr

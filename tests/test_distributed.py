@@ -20,6 +20,8 @@ from hypersort_core.config import ConfigError
 from hypersort_core.distributed import joined
 from hypersort_core.train import initial_model
 
+pytestmark = pytest.mark.slow  # several processes each, minutes on a 2-core machine
+
 TESTS = Path(__file__).parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 # The tiny configuration of tiny_runs.py, as `hsort fit` options; 2 cases per process and step.

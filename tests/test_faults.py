@@ -59,6 +59,7 @@ def test_a_damaged_newest_checkpoint_is_reported_and_the_previous_one_resumed(da
     assert (run / "checkpoint.damaged.pt").is_file()
 
 
+@pytest.mark.slow
 def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_to_resume_from(dataset, tmp_path):
     run = tmp_path / "run"
     fit(dataset, run, tiny_config(epochs=1), progress=False)

@@ -40,6 +40,7 @@ CONV_CASES = [
     (2, 3, 3, (5, 6, 7), 3, (1, 2, 2), (0, 1, 2), True),
     (1, 2, 130, (3, 3, 3), 3, 1, 1, True),
     (1, 20, 40, (3, 4, 5), 3, 2, 1, True),
+    (1, 24, 20, (3, 5, 4), 3, 1, 1, True),  # a run of 3 x 24 columns: two K chunks per (kd, kh)
 ]
 
 
@@ -65,6 +66,7 @@ TRANSPOSE_CASES = [
     (1, 5, 3, (2, 3, 2), 3, 2, 1, False),
     (3, 1, 2, (4, 5, 6), 3, 1, 2, True),
     (2, 3, 1, (3, 2, 3), 1, 1, 0, True),
+    (1, 40, 24, (2, 3, 2), 4, 2, 1, True),  # a run of 2 live taps x 40 columns: two K chunks
 ]
 
 

@@ -17,6 +17,7 @@ LAYOUTS = ("nnunet", "msd", "totalsegmentator", "folders", "manifest")
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 MANIFEST_SUFFIXES = (".tsv", ".csv")  # what a dataset folder's manifest is named
 DATA_LIST_SUFFIXES = (*MANIFEST_SUFFIXES, ".txt")  # a list named directly may also be the reference code's .txt
+TOTALSEGMENTATOR_SPLITS = ("train", "val", "test")  # the values of meta.csv's split column
 TOTALSEGMENTATOR_META = "meta.csv"  # the release's subject table: image_id;age;gender;institute;study_type;split;...
 META_DELIMITERS = (";", ",", "\t")  # the release uses ";"; a table re-saved by a spreadsheet may use another
 NOT_MANIFESTS = {"perturbations.csv"}  # written next to synthetic datasets by make_synthetic_dataset
