@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+
 from hypersort_core.cli.options import reports_bad_input
 from hypersort_core.cli.predict import DEVICE_OPTION, RUN_ARGUMENT
 

@@ -15,10 +15,10 @@ import pytest
 from cli_checks import assert_one_line_error
 from click.testing import CliRunner
 from dataset_writers import phantom, write_case, write_msd, write_nnunet
-from hypersort_core.cli.curate import curate
 from tiny_runs import tiny_config
 
 from hypersort_core.check import check_dataset
+from hypersort_core.cli.curate import curate
 from hypersort_core.data import read_dataset
 from hypersort_core.decisions import COLUMNS
 from hypersort_core.predict import latent_probabilities, segment

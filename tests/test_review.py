@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from cli_checks import assert_one_line_error
 from click.testing import CliRunner
-from hypersort_core.cli.curate import review
 
-from hypersort_core.report import analyze_run
+from hypersort_core.cli.curate import review
 from hypersort_core.decisions import read_decisions
+from hypersort_core.report import analyze_run
 from hypersort_core.review import ReviewSession, serve
 from hypersort_core.run import load_run
 

@@ -7,10 +7,10 @@ import threading
 
 import pytest
 from click.testing import CliRunner
-from hypersort_core.cli.curate import curate
 
-from hypersort_core.report import analyze_run
+from hypersort_core.cli.curate import curate
 from hypersort_core.decisions import read_decisions
+from hypersort_core.report import analyze_run
 from hypersort_core.review import ReviewSession, page_url, serve
 from hypersort_core.run import load_run
 
