@@ -104,7 +104,7 @@ def fit(data: Path, run_dir: Path, preset: str, resume: bool, overwrite: bool, n
     # A resumed run's dataset was checked when the run began (its cache is read, not the files); with --nproc
     # this process checks before it starts torchrun, so that bad input is still one line and exit code 2.
     if not resume and world.is_main and not os.environ.get(CHECKED_ENV):
-        check_before_training(data, config, warn=lambda issue: click.echo(f"warning: {issue}", err=True))
+        check_before_training(data, config, warn=lambda issue: click.echo(f"warning: {issue}", err=True), cache_dir=cache_dir, progress=not quiet)
     if nproc and nproc > 1 and world.size == 1:
         _run_under_torchrun(nproc)
     settings = {k: options[k] for k in RESUMABLE_SETTINGS} if resume else options

@@ -23,7 +23,7 @@ from hypersort_core import run as run_module
 from hypersort_core.analysis import GALLERY, Analysis, LabelIssues, analyze, find_label_issues
 from hypersort_core.check import CheckReport, check_dataset
 from hypersort_core.config import ConfigError, TrainConfig
-from hypersort_core.data import PreprocessConfig
+from hypersort_core.data import PreprocessConfig, default_cache_dir
 from hypersort_core.export import export_unet
 from hypersort_core.main_style import prepared_training_cases
 from hypersort_core.model import ModelConfig
@@ -162,9 +162,14 @@ def resumed_config(run_dir: Path | str, **settings) -> TrainConfig:
     return config.with_overrides(**settings)
 
 
-def check_before_training(data: Path | str, config: TrainConfig, warn: Callable[[str], None] | None = None) -> CheckReport:
-    """`hsort check` before training: each warning goes to `warn` once, and an error stops unless skip_bad."""
-    report = check_dataset(data, config.layout, config.label, split=config.split)
+def check_before_training(
+    data: Path | str, config: TrainConfig, warn: Callable[[str], None] | None = None, cache_dir: Path | str | None = None, progress: bool = False
+) -> CheckReport:
+    """`hsort check` before training: each warning goes to `warn` once, and an error stops unless skip_bad.
+    Each case is checked and prepared (into `cache_dir`, default_cache_dir() by default) in one read of its
+    files, in config.workers processes; unchanged files are not read again."""
+    report = check_dataset(data, config.layout, config.label, progress=progress, split=config.split,
+                           cache_dir=Path(cache_dir or default_cache_dir()), workers=config.workers, prepare=config.preprocess)
     for issue in report.warnings:
         (warn or _python_warning)(str(issue))
     if not config.skip_bad:
@@ -181,7 +186,7 @@ def fit(data: Path | str, out: Path | str, *, preset: str = "paper", check: bool
     config = resumed_config(out, **settings) if resume else training_config(preset, **settings)
     config.validate()
     if check and not resume:
-        check_before_training(data, config, warn)
+        check_before_training(data, config, warn, cache_dir, progress)
     result = train(Path(data), Path(out), config, resume=resume, progress=progress, overwrite=overwrite, cache_dir=None if cache_dir is None else Path(cache_dir))
     run = replace(load_run(out, config.device), fit_result=result)
     if analyze and result.stopped != INTERRUPTED and len(result.case_ids) > 1 and world_from_environment().is_main:

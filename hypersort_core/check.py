@@ -6,19 +6,23 @@ curator should look at but that training can use: empty labels, an orientation u
 the same image under two ids, spacing or size far from the rest, labels drawn outside the body.
 
 Each case's headers are read first and its voxels once; only small facts (spacing, shape,
-orientation, a hash of the image) are kept, so the cross-case checks cost no second pass.
+orientation, a hash of the image) are kept, so the cross-case checks cost no second pass.  Those facts
+and the case's own findings are cached, keyed by its files as prepared cases are (data/cache.py), so a
+second check of unchanged files reads no volume; `fit` prepares each case in the same read that checks it.
 """
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
-from tqdm import tqdm
 
+from hypersort_core.atomic import atomic_write_text
 from hypersort_core.data import (
     Case,
     DataError,
@@ -27,11 +31,23 @@ from hypersort_core.data import (
     read_dataset,
     select_labels,
 )
-from hypersort_core.data.cache import output_file_name, output_name_problem
+from hypersort_core.data.cache import (
+    cache_folder,
+    digest,
+    output_file_name,
+    output_name_problem,
+    prepared_folder,
+    record_path,
+    run_in_processes,
+    record_case,
+)
 from hypersort_core.data.layouts import load_json
+from hypersort_core.data.preprocess import PreprocessConfig
 from hypersort_core.data.volumes import (
+    LabelledVolume,
     check_affine,
     check_label_values,
+    distinct_values,
     label_files,
     open_aligned_label,
     open_nifti,
@@ -54,6 +70,8 @@ MAD_TO_SD = 1.4826
 CT_AIR_HU = -500.0  # images reaching this are taken as CT in Hounsfield units; air lies below it
 NON_CT_AIR_FRACTION = 0.1  # otherwise air lies below p1 + 10% of the p1..p99 intensity range
 OUTSIDE_BODY_FRACTION = 0.01  # warn when more than 1% of a case's foreground lies outside the body
+BODY_MASK_SIDE = 128  # the body is found on the image subsampled to about this many voxels per side
+CHECK_FORMAT = 1  # bump when a change to the checks makes cached findings wrong
 
 
 @dataclass
@@ -85,6 +103,31 @@ class CaseFacts:
 
     def add(self, severity: str, file: Path, problem: str) -> None:
         self.issues.append(Issue(severity, self.case.case_id, file, problem))
+
+    @property
+    def has_errors(self) -> bool:
+        return any(issue.severity == "error" for issue in self.issues)
+
+    def to_record(self) -> dict:
+        """What the findings cache keeps of a case: everything but the case itself."""
+        return {
+            "issues": [[issue.severity, str(issue.file), issue.problem] for issue in self.issues],
+            "spacing": None if self.spacing is None else self.spacing.tolist(),
+            "shape": None if self.shape is None else list(self.shape),
+            "orientation": self.orientation,
+            "digest": self.digest,
+        }
+
+    @classmethod
+    def from_record(cls, case: Case, record: dict) -> "CaseFacts":
+        return cls(
+            case,
+            [Issue(severity, case.case_id, Path(file), problem) for severity, file, problem in record["issues"]],
+            None if record["spacing"] is None else np.array(record["spacing"]),
+            None if record["shape"] is None else tuple(record["shape"]),
+            record["orientation"],
+            record["digest"],
+        )
 
 
 @dataclass
@@ -135,16 +178,25 @@ class CheckReport:
 
 
 def check_dataset(
-    root: Path | str, layout: str = "auto", label: str | None = None, progress: bool = False, split: str | None = None
+    root: Path | str,
+    layout: str = "auto",
+    label: str | None = None,
+    progress: bool = False,
+    split: str | None = None,
+    cache_dir: Path | None = None,
+    workers: int = 0,
+    prepare: PreprocessConfig | None = None,
 ) -> CheckReport:
-    """Check every case of the dataset at `root` (of a TotalSegmentator `split`); a folder that is no dataset raises DataError."""
+    """Check every case of the dataset at `root` (of a TotalSegmentator `split`); a folder that is no dataset raises DataError.
+
+    With a `cache_dir` each case's findings are cached there, and cases whose files did not change since
+    are not read again; with `prepare` (`fit`'s preprocessing settings) each case is also prepared into the
+    cache in the read that checks it.
+    `workers` processes check the cases (0: this process)."""
     dataset = read_dataset(root, layout, split)
     selection = select_labels(dataset, label)
     dataset_issues = dataset_json_issues(dataset)
-    facts = [
-        check_case(case, selection, dataset.declared_values)
-        for case in tqdm(dataset.cases, desc="checking", unit="case", disable=not progress)
-    ]
+    facts = all_case_facts(dataset, selection, cache_dir, workers, progress, prepare)
     cross_case_warnings(facts)
     for fact in facts:  # ids that cannot name an output file as they are (correct's pseudo-labels, predict's labels)
         if (problem := output_name_problem(fact.case.case_id)) is not None:
@@ -157,6 +209,57 @@ def check_dataset(
         errors=[issue for issue in issues if issue.severity == "error"],
         warnings=[issue for issue in issues if issue.severity == "warning"],
     )
+
+
+def all_case_facts(
+    dataset: Dataset, selection: LabelSelection, cache_dir: Path | None, workers: int, progress: bool, prepare: PreprocessConfig | None
+) -> list[CaseFacts]:
+    """Each case's facts: from the findings cache where its files are unchanged (and, with `prepare`,
+    its prepared entry is there too), else from one read of its files, in `workers` processes."""
+    findings = None if cache_dir is None else findings_folder(cache_dir, dataset, selection)
+    prepared = None if prepare is None or cache_dir is None else prepared_folder(cache_dir, dataset, selection, prepare)
+    facts = {case.case_id: cached_facts(case, selection, findings, prepared) for case in dataset.cases}
+    jobs = [(case, selection, dataset.declared_values, findings, prepare, prepared) for case in dataset.cases if facts[case.case_id] is None]
+    for job, fact in zip(jobs, run_in_processes(check_and_prepare, jobs, workers, "checking and preparing" if prepared else "checking", progress)):
+        facts[job[0].case_id] = fact
+    return list(facts.values())
+
+
+def findings_folder(cache_dir: Path, dataset: Dataset, selection: LabelSelection) -> Path:
+    """Where the findings of the cases of this label selection are cached, beside the prepared cases."""
+    declared = dataset.declared_values
+    key = {"format": CHECK_FORMAT, "selection": asdict(selection), "declared_values": sorted(declared) if declared is not None else None}
+    return cache_folder(cache_dir, f"check-{digest(key)}")
+
+
+def cached_facts(case: Case, selection: LabelSelection, findings: Path | None, prepared: Path | None) -> CaseFacts | None:
+    """A case's cached facts, or None when its files must be read (a changed file, an unreadable record,
+    or a case that still needs preparing)."""
+    if findings is None:
+        return None
+    try:
+        fact = CaseFacts.from_record(case, json.loads(record_path(case, selection, findings).read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    needs_preparing = prepared is not None and not fact.has_errors and not record_path(case, selection, prepared).is_file()
+    return None if needs_preparing else fact
+
+
+def check_and_prepare(
+    case: Case,
+    selection: LabelSelection,
+    declared_values: set[int] | None,
+    findings: Path | None,
+    prepare: PreprocessConfig | None,
+    prepared: Path | None,
+) -> CaseFacts:
+    """One read of a case: its findings, cached when `findings` is a folder, and a sound case prepared into `prepared`."""
+    fact, volume = check_case(case, selection, declared_values)
+    if prepared is not None and volume is not None:
+        record_case(case, declared_values, selection, prepare, prepared, volume)
+    if findings is not None:
+        atomic_write_text(record_path(case, selection, findings), json.dumps(fact.to_record()))
+    return fact
 
 
 def case_status(fact: CaseFacts) -> CaseStatus:
@@ -183,8 +286,9 @@ def dataset_json_issues(dataset: Dataset) -> list[Issue]:
     return issues
 
 
-def check_case(case: Case, selection: LabelSelection, declared_values: set[int] | None) -> CaseFacts:
-    """Headers first (files present, labels on the image's grid), then the voxels, each file once."""
+def check_case(case: Case, selection: LabelSelection, declared_values: set[int] | None) -> tuple[CaseFacts, LabelledVolume | None]:
+    """Headers first (files present, labels on the image's grid), then the voxels, each file once.
+    Returns the facts, and the volume as `read_case` reads it when the case has no error."""
     import nibabel as nib
 
     fact = CaseFacts(case)
@@ -193,12 +297,12 @@ def check_case(case: Case, selection: LabelSelection, declared_values: set[int] 
         shape = spatial_shape(image_nifti, case.image)
     except DataError as error:
         fact.add("error", error.path, error.problem)
-        return fact
+        return fact, None
     try:
         check_affine(image_nifti.affine, shape, case.image)
     except DataError as error:
         fact.add("error", error.path, error.problem)
-        return fact
+        return fact, None
     fact.shape, fact.spacing = shape, voxel_sizes(image_nifti.affine)
     fact.orientation = "".join(code or "?" for code in nib.aff2axcodes(image_nifti.affine))  # ? = degenerate axis
     aligned_labels, expected_labels = {}, label_files(case, selection)
@@ -211,26 +315,33 @@ def check_case(case: Case, selection: LabelSelection, declared_values: set[int] 
         image = read_voxels(image_nifti, case.image, np.float32)
     except DataError as error:
         fact.add("error", error.path, error.problem)
-        return fact
+        return fact, None
     fact.digest = voxel_digest(image)
     finite = check_finite(image, fact)
-    if len(aligned_labels) == len(expected_labels):
-        check_label_content(fact, image if finite else None, aligned_labels, selection, declared_values)
-    return fact
+    if len(aligned_labels) != len(expected_labels):
+        return fact, None
+    classes = check_label_content(fact, image if finite else None, aligned_labels, selection, declared_values)
+    if fact.has_errors or classes is None:
+        return fact, None
+    return fact, LabelledVolume(image, classes, image_nifti.affine)
 
 
 def voxel_digest(image: np.ndarray) -> str:
-    """Same shape and same voxel values give the same digest, whatever the file or header."""
-    digest = hashlib.blake2b(str(image.shape).encode(), digest_size=16)
-    digest.update(np.ascontiguousarray(image).data)  # hashed in place, no copy of the volume
+    """Same shape and same voxel values give the same digest, whatever the file or header.  The values
+    are hashed in Fortran order, NIfTI's own, so that nibabel's volume is hashed in place, with SHA-1
+    (duplicates are found among a curator's files, not against an adversary; SHA-1 is the fastest here)."""
+    digest = hashlib.sha1(str(image.shape).encode(), usedforsecurity=False)
+    digest.update(image.ravel(order="F").data)  # a view of a Fortran-ordered volume: no copy
     return digest.hexdigest()
 
 
 def check_finite(image: np.ndarray, fact: CaseFacts) -> bool:
+    """NaN makes the minimum NaN and infinities make an extreme infinite: two reductions, no mask of the volume."""
+    if np.isfinite(image.min()) and np.isfinite(image.max()):
+        return True
     non_finite = image.size - np.count_nonzero(np.isfinite(image))
-    if non_finite:
-        fact.add("error", fact.case.image, f"image holds {non_finite} NaN or infinite voxels")
-    return not non_finite
+    fact.add("error", fact.case.image, f"image holds {non_finite} NaN or infinite voxels")
+    return False
 
 
 def check_label_content(
@@ -239,8 +350,9 @@ def check_label_content(
     labels: dict,
     selection: LabelSelection,
     declared_values: set[int] | None,
-) -> None:
-    """Undeclared values are errors; empty selected labels and labels outside the body are warnings."""
+) -> np.ndarray | None:
+    """Undeclared values are errors; empty selected labels and labels outside the body are warnings.
+    Returns the case's classes (None where its label cannot be used)."""
     case = fact.case
     try:
         if isinstance(case.label, dict):
@@ -251,15 +363,16 @@ def check_label_content(
             classes = selection.classes_of(label_map)
     except DataError as error:
         fact.add("error", error.path, error.problem)
-        return
-    report_empty_labels(fact, classes, selection)
-    if image is not None and classes.any():
+        return None
+    present = set(distinct_values(classes).tolist())
+    report_empty_labels(fact, present, selection)
+    if image is not None and present != {0}:
         report_labels_outside_body(fact, image, classes != 0)
+    return classes
 
 
-def report_empty_labels(fact: CaseFacts, classes: np.ndarray, selection: LabelSelection) -> None:
+def report_empty_labels(fact: CaseFacts, present: set[int], selection: LabelSelection) -> None:
     """The binary selection warns when there is no foreground at all; a named selection per label."""
-    present = set(np.unique(classes).tolist())
     if selection.is_binary:
         if present == {0}:
             fact.add("warning", label_folder(fact.case), "label is empty (no foreground voxels)")
@@ -279,9 +392,14 @@ def label_folder(case: Case) -> Path:
 
 
 def report_labels_outside_body(fact: CaseFacts, image: np.ndarray, foreground: np.ndarray) -> None:
-    threshold = air_threshold(image)
-    outside = np.count_nonzero(foreground & ~body_mask(image, threshold))
+    """The body is found on the image subsampled to about BODY_MASK_SIDE voxels per side (the warning is
+    in percent of the label: it needs no finer body outline); the foreground is counted at full resolution."""
+    strides = body_mask_strides(image.shape)
+    coarse = image[tuple(slice(None, None, stride) for stride in strides)]
+    threshold = air_threshold(image, coarse)
+    outside_body = ~body_mask(coarse, threshold)
     total = np.count_nonzero(foreground)
+    outside = count_in_blocks(foreground, outside_body, strides)
     if outside > OUTSIDE_BODY_FRACTION * total:
         problem = (
             f"{outside} of {total} foreground voxels ({outside / total:.0%}) lie outside the body "
@@ -290,12 +408,28 @@ def report_labels_outside_body(fact: CaseFacts, image: np.ndarray, foreground: n
         fact.add("warning", label_folder(fact.case), problem)
 
 
-def air_threshold(image: np.ndarray) -> float:
+def count_in_blocks(mask: np.ndarray, coarse: np.ndarray, strides: tuple[int, ...]) -> int:
+    """Voxels of `mask` whose block of strides[0] × strides[1] × strides[2] voxels is set in `coarse`,
+    one slab of blocks along the last axis (contiguous in a Fortran-ordered volume) at a time."""
+    (first, second, third), count = strides, 0
+    for block in range(coarse.shape[2]):
+        plane = coarse[:, :, block].repeat(first, axis=0)[: mask.shape[0]].repeat(second, axis=1)[:, : mask.shape[1]]
+        count += np.count_nonzero(mask[:, :, block * third : (block + 1) * third] & plane[:, :, None])
+    return count
+
+
+def body_mask_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Per axis, every how many voxels the body mask samples the image: 1 up to BODY_MASK_SIDE voxels."""
+    return tuple(max(1, math.ceil(size / BODY_MASK_SIDE)) for size in shape)
+
+
+def air_threshold(image: np.ndarray, sample: np.ndarray) -> float:
     """Air is below −500 HU in a CT (an image reaching −500 or below); in other images, below
-    p1 + 10% of the p1..p99 intensity range, which holds for MR background and its noise."""
+    p1 + 10% of the p1..p99 intensity range (of a subsample of the voxels), which holds for MR
+    background and its noise."""
     if image.min() <= CT_AIR_HU:
         return CT_AIR_HU
-    low, high = np.percentile(image, [1, 99])
+    low, high = np.percentile(sample, [1, 99])
     return float(low + NON_CT_AIR_FRACTION * (high - low))
 
 

@@ -1,8 +1,10 @@
 """`hsort check` flags each kind of broken or suspicious case, with the right severity and exit code."""
 import gzip
 import json
+import os
 import shutil
 import struct
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -23,7 +25,8 @@ from dataset_writers import (
 from hypersort_core.cli.check import check
 
 from hypersort_core.check import check_dataset
-from hypersort_core.data import DataError
+from hypersort_core.data import DataError, PreprocessConfig, prepare_cases, read_dataset, select_labels
+from hypersort_core.data.volumes import distinct_values
 
 
 def image_of(root, case=1):
@@ -271,3 +274,101 @@ def test_fit_can_stop_at_the_first_error_and_say_how_many_more(dataset):
     assert raised.value.path == label_of(dataset)
     assert "(and 1 more errors; `hsort check` lists them)" in str(raised.value)
     check_dataset(write_nnunet(dataset.parent / "clean")).raise_on_errors()
+
+
+# One read per case: the findings are cached with the prepared cases, keyed by the files.
+
+def loads_counted(monkeypatch) -> list:
+    """Every NIfTI file nibabel opens from now on, in order."""
+    opened, load = [], nib.load
+    monkeypatch.setattr(nib, "load", lambda path, *args, **kwargs: opened.append(Path(path).name) or load(path, *args, **kwargs))
+    return opened
+
+
+def test_a_second_check_of_unchanged_files_reads_no_volume(dataset, monkeypatch):
+    duplicated_image(dataset)
+    undeclared_label_value(dataset)
+    first = run_check(dataset, "--json")
+
+    def fail(*_, **__):
+        raise AssertionError("a case with unchanged files was read again")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(nib, "load", fail)
+        second = run_check(dataset, "--json")
+    assert (second.exit_code, second.stdout) == (first.exit_code, first.stdout) and first.exit_code == 2
+
+    changed = label_of(dataset, case=2)
+    os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
+    opened = loads_counted(monkeypatch)
+    assert run_check(dataset, "--json").stdout == first.stdout
+    assert sorted(opened) == ["case_002.nii.gz", "case_002_0000.nii.gz"]
+
+
+def test_fit_checks_and_prepares_each_case_in_one_read(dataset, monkeypatch, cache_dir):
+    """What `hsort fit` does before training: each file opened once, then the preparation reads nothing."""
+    label_in_the_air(dataset)
+    config = PreprocessConfig(roi=(8, 8, 8))
+    opened = loads_counted(monkeypatch)
+    report = check_dataset(dataset, cache_dir=cache_dir, prepare=config)
+    assert sorted(opened) == sorted(path.name for case in range(3) for path in (image_of(dataset, case), label_of(dataset, case)))
+    assert report.to_dict() == check_dataset(dataset).to_dict()  # the same findings as a check without a cache
+    opened.clear()
+    dataset_read = read_dataset(dataset)
+    prepared = prepare_cases(dataset_read, select_labels(dataset_read, None), config, cache_dir, progress=False)
+    assert opened == [] and len(prepared.cases) == 3
+    assert check_dataset(dataset, cache_dir=cache_dir, prepare=config).to_dict() == report.to_dict() and opened == []
+
+
+def test_a_case_whose_preparation_is_missing_is_read_again(dataset, monkeypatch, cache_dir):
+    """A check alone caches findings but prepares nothing: fit's first run then reads each case once more."""
+    check_dataset(dataset, cache_dir=cache_dir)
+    opened = loads_counted(monkeypatch)
+    check_dataset(dataset, cache_dir=cache_dir, prepare=PreprocessConfig(roi=(8, 8, 8)))
+    assert len(opened) == 6
+
+
+@pytest.mark.parametrize("spoil", [undeclared_label_value, nan_in_image, duplicated_image, label_in_the_air, empty_label])
+def test_worker_processes_find_what_one_process_finds(dataset, spoil, tmp_path):
+    spoil(dataset)
+    alone = check_dataset(dataset).to_dict()
+    assert check_dataset(dataset, cache_dir=tmp_path / "cache", workers=2).to_dict() == alone
+    assert run_check(dataset, "--json", "--workers", "2").stdout.strip() == json.dumps(alone, indent=2)
+
+
+def test_a_label_in_the_air_of_a_large_volume_is_found_on_the_subsampled_body(tmp_path):
+    """Volumes wider than BODY_MASK_SIDE voxels find the body on a subsample; the voxels are still counted in full."""
+    image = np.full((300, 24, 20), -1000, np.int16)
+    image[40:260, 4:20, :] = 40
+    image[100:110, 10:14, :] = -900  # an airway, enclosed by the body in every axial slice
+    label = np.zeros(image.shape, np.uint8)
+    label[100:110, 10:14, 5:15] = 1  # inside the airway: inside the body
+    root = write_nnunet(tmp_path / "data", n_cases=3, shape=image.shape)
+    for case in range(3):
+        image[0, 0, 0] = -1000 - case  # three images, not one three times
+        write_nifti(image_of(root, case), image)
+        write_nifti(label_of(root, case), label)
+    assert check_dataset(root).warnings == []
+    label[2:12, 1:3, 1:3] = 1  # 40 voxels in the air beside the body
+    write_nifti(label_of(root), label)
+    (warning,) = check_dataset(root).warnings
+    assert warning.case == "case_001" and warning.problem.startswith("40 of 440 foreground voxels (9%) lie outside the body")
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.array([0, 1, 1, 3, 2, 0], np.uint8),
+        np.array([-2, 0, 5, 5], np.int16),
+        np.array([0, 300, 17, 40000], np.int32),  # a range wider than FEW_VALUES: a histogram
+        np.array([0.0, 1.0, 2.0, 1.0], np.float32),
+        np.array([0.0, 0.5, np.nan, 1.0], np.float64),
+        np.array([0, 2**40], np.int64),  # a range no histogram holds
+        np.array([True, False, True]),
+    ],
+)
+def test_label_values_are_those_np_unique_finds(values):
+    volume = np.asfortranarray(np.resize(values, (5, 4, 3)))
+    found = distinct_values(volume)
+    assert found.dtype == volume.dtype
+    np.testing.assert_array_equal(found, np.unique(volume))

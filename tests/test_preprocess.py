@@ -274,3 +274,23 @@ def test_temporary_files_of_killed_cache_writes_are_removed_once_old(tmp_path, s
     os.utime(abandoned, (0, 0))
     prepare(synthetic_dataset, config, tmp_path / "cache")
     assert not abandoned.exists() and in_progress.exists()
+
+
+@pytest.mark.parametrize("shape,sizes", [((17, 20, 9), (1.3, 0.9, 2.6)), ((30, 31, 12), (0.8, 0.8, 1.5)), ((12, 11, 13), (3.1, 0.7, 2.0))])
+def test_separable_resampling_is_scipys_trilinear_and_nearest(shape, sizes):
+    """The axis-by-axis resampling gives what one scipy.ndimage.affine_transform of the volume gives."""
+    from scipy import ndimage
+
+    from hypersort_core.data.preprocess import resample
+    from hypersort_core.data.volumes import LabelledVolume
+
+    rng = np.random.default_rng(0)
+    image = np.asfortranarray(rng.normal(size=shape).astype(np.float32))[::-1]  # NIfTI's order, flipped as reorienting does
+    label = np.asfortranarray(rng.integers(0, 3, shape).astype(np.uint8))[::-1]
+    resampled = resample(LabelledVolume(image, label, np.diag([*sizes, 1.0])), (2.0, 2.0, 2.0))
+    step = np.full(3, 2.0) / sizes
+    matrix = np.linalg.inv(np.diag([*sizes, 1.0])) @ resampled.affine  # new voxel -> old voxel
+    np.testing.assert_allclose(np.diag(matrix)[:3], step)
+    for volume, result, order in ((image, resampled.image, 1), (label, resampled.label, 0)):
+        expected = ndimage.affine_transform(volume, step, matrix[:3, 3], output_shape=result.shape, order=order, mode="nearest")
+        np.testing.assert_allclose(result, expected, atol=1e-6)

@@ -16,7 +16,7 @@ import math
 import multiprocessing
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +31,7 @@ from .errors import DataError
 from .labels import LabelSelection
 from .layouts import Case, Dataset
 from .preprocess import PreprocessConfig, check_resampled_size, preprocess
-from .volumes import case_files, read_case
+from .volumes import LabelledVolume, case_files, read_case
 
 CACHE_FORMAT = 1  # bump when a change to preprocessing makes existing caches wrong
 CACHE_ENV = "HSORT_CACHE"
@@ -202,33 +202,53 @@ def fill_cache(
 
     A bad case is recorded, not raised: reading the records reports it.
     """
-    folder = Path(cache_dir) / settings_hash(dataset, selection, config)
+    folder = prepared_folder(cache_dir, dataset, selection, config)
+    missing = [case for case in (dataset.cases if cases is None else cases) if not record_path(case, selection, folder).is_file()]
+    jobs = [(case, dataset.declared_values, selection, config, folder) for case in missing]
+    run_in_processes(record_case, jobs, workers, "preparing cases", progress)
+    return folder
+
+
+def prepared_folder(cache_dir: Path, dataset: Dataset, selection: LabelSelection, config: PreprocessConfig) -> Path:
+    """The folder of the prepared cases of these settings."""
+    return cache_folder(cache_dir, settings_hash(dataset, selection, config))
+
+
+def cache_folder(cache_dir: Path, name: str) -> Path:
+    """cache_dir/name, made if need be, less the partial writes a kill abandoned there."""
+    folder = Path(cache_dir) / name
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise DataError(cache_dir, f"cannot hold the prepared cases ({error.strerror or error}); choose another --cache or $HSORT_CACHE") from error
     remove_abandoned_writes(folder)
-    missing = [case for case in (dataset.cases if cases is None else cases) if not record_path(case, selection, folder).is_file()]
-    jobs = [(case, dataset.declared_values, selection, config, folder) for case in missing]
-    bar = tqdm(total=len(jobs), desc="preparing cases", unit="case", disable=not progress or not jobs)
-    if workers == 0 or len(jobs) < 2:
-        for job in jobs:
-            record_case(*job)
-            bar.update()
-    else:
-        # forkserver: a fresh, single-threaded parent for the workers, never a fork of this (threaded) process.
-        pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("forkserver"))
-        try:
-            for done in as_completed([pool.submit(record_case, *job) for job in jobs]):
-                done.result()
-                bar.update()
-        except BaseException:  # Ctrl-C, SIGTERM (faults.Terminated), a failed job: no worker may outlive this process
-            stop_pool(pool)
-            raise
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-    bar.close()
     return folder
+
+
+def run_in_processes(function: Callable, jobs: Sequence[tuple], workers: int, what: str, progress: bool = True) -> list:
+    """[function(*job) for job in jobs], in `workers` processes (0: in this one), with a progress bar saying `what`."""
+    bar = tqdm(total=len(jobs), desc=what, unit="case", disable=not progress or not jobs)
+    if workers == 0 or len(jobs) < 2:
+        results = []
+        for job in jobs:
+            results.append(function(*job))
+            bar.update()
+        bar.close()
+        return results
+    # forkserver: a fresh, single-threaded parent for the workers, never a fork of this (threaded) process.
+    pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("forkserver"))
+    try:
+        futures = [pool.submit(function, *job) for job in jobs]
+        for done in as_completed(futures):
+            done.result()
+            bar.update()
+        return [future.result() for future in futures]
+    except BaseException:  # Ctrl-C, SIGTERM (faults.Terminated), a failed job: no worker may outlive this process
+        stop_pool(pool)
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
 
 
 def stop_pool(pool: ProcessPoolExecutor) -> None:
@@ -290,10 +310,19 @@ def safe_file_stem(case_id: str) -> str:
     return f"{plain[:MAX_ID_BYTES_IN_NAMES // 2]}~{hashlib.sha256(case_id.encode()).hexdigest()[:12]}"
 
 
-def record_case(case: Case, declared_values, selection: LabelSelection, config: PreprocessConfig, folder: Path) -> None:
-    """Prepare one case into the cache and write its record last (a finished entry, or its problem)."""
+def record_case(
+    case: Case, declared_values, selection: LabelSelection, config: PreprocessConfig, folder: Path, volume: LabelledVolume | None = None
+) -> None:
+    """Prepare one case into the cache and write its record last (a finished entry, or its problem).
+    `volume`: the case already read and checked (`hsort fit` checks and prepares each case in one read)."""
     record_file = record_path(case, selection, folder)
-    record = prepare_case(case, declared_values, selection, config, folder, record_file.name.removesuffix(".json"))
+    try:
+        volume = read_case(case, selection, declared_values) if volume is None else volume
+        check_resampled_size(volume, config, case.image)
+    except DataError as error:
+        record = {"path": str(error.path), "problem": error.problem}
+    else:
+        record = prepared_record(case, volume, config, folder, record_file.name.removesuffix(".json"))
     atomic_write_text(record_file, json.dumps(record))
 
 
@@ -313,15 +342,8 @@ def cached_case(case: Case, selection: LabelSelection, folder: Path) -> Prepared
     )
 
 
-def prepare_case(
-    case: Case, declared_values, selection: LabelSelection, config: PreprocessConfig, folder: Path, prefix: str
-) -> dict:
-    """Read, check and preprocess one case into the cache; returns its record (or its problem)."""
-    try:
-        volume = read_case(case, selection, declared_values)
-        check_resampled_size(volume, config, case.image)
-    except DataError as error:
-        return {"path": str(error.path), "problem": error.problem}
+def prepared_record(case: Case, volume: LabelledVolume, config: PreprocessConfig, folder: Path, prefix: str) -> dict:
+    """Preprocess a sound volume into the cache's arrays; returns its record."""
     result = preprocess(volume, config)
     files = {"image_file": f"{prefix}.image.npy", "label_file": f"{prefix}.label.npy", "foreground_file": None}
     save_array(folder / files["image_file"], result.image)

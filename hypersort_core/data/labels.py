@@ -33,7 +33,7 @@ class LabelSelection:
     def classes_of(self, label_map: np.ndarray) -> np.ndarray:
         """The class map (uint8) of a label map holding the dataset's label values."""
         if self.is_binary:
-            return (label_map != 0).astype(np.uint8)
+            return (label_map != 0).view(np.uint8)  # 0 and 1 as they are: no copy
         classes = np.zeros(label_map.shape, dtype=np.uint8)
         for number, value in enumerate(self.values, start=1):
             classes[label_map == value] = number

@@ -25,6 +25,9 @@ MAX_EXTENT_MM = 10_000  # no scan is 10 m wide: a header that says so has wrong 
 VOXEL_MM_RANGE = (1e-3, 100.0)  # voxel sizes a scan can have (README: bad input); outside it, the header is wrong
 DEFLATE_MAX_RATIO = 1032  # deflate never expands data more than this (zlib's technical details)
 SHOWN_VALUES = 10
+FEW_VALUES = 16  # integer label values spanning up to this many are found by comparisons, more by a histogram
+HISTOGRAM_MAX_BINS = 2**20  # label values spanning more are found by np.unique
+SLAB_VOXELS = 2**23  # values are counted slab by slab: the int64 copy of a slab is 64 MiB
 
 
 @dataclass
@@ -132,19 +135,48 @@ def voxel_sizes(affine: np.ndarray) -> np.ndarray:
 
 def check_label_values(label_map: np.ndarray, declared_values: set[int] | None, path: Path) -> None:
     """Labels must hold integers, and only the values the dataset declares where it declares any."""
+    values = distinct_values(label_map)
     if declared_values is not None:
-        unexpected = ~np.isin(label_map, sorted(declared_values))
-        if unexpected.any():
+        undeclared = values[~np.isin(values, sorted(declared_values))]
+        if len(undeclared):
             raise DataError(
                 path,
-                f"label values {format_values(np.unique(label_map[unexpected]))} are not declared in "
+                f"label values {format_values(undeclared)} are not declared in "
                 f"dataset.json (declared: {format_values(sorted(declared_values))})",
             )
     elif np.issubdtype(label_map.dtype, np.floating):
-        fractional = label_map != np.round(label_map)
-        if fractional.any():
-            values = format_values(np.unique(label_map[fractional]))
-            raise DataError(path, f"label holds non-integer values {values}")
+        fractional = values[values != np.round(values)]
+        if len(fractional):
+            raise DataError(path, f"label holds non-integer values {format_values(fractional)}")
+
+
+def distinct_values(array: np.ndarray) -> np.ndarray:
+    """np.unique(array) at the cost of a few passes, without sorting or copying the volume: the minimum
+    and maximum, then for the values between them a comparison each (up to FEW_VALUES of them) or a
+    histogram slab by slab; np.unique only for what no histogram holds (fractions, NaN, a vast range)."""
+    values = array.view(np.uint8) if array.dtype == bool else array
+    if not array.size or values.dtype.kind not in "iuf":
+        return np.unique(array)
+    low, high = values.min(), values.max()
+    if not (np.isfinite(low) and np.isfinite(high)) or high - low >= HISTOGRAM_MAX_BINS:
+        return np.unique(array)
+    low, high = int(low), int(high)
+    if values.dtype.kind in "iu" and high - low <= FEW_VALUES:
+        found = [low, *(value for value in range(low + 1, high) if (values == value).any()), high]
+        return np.unique(np.array(found)).astype(array.dtype)
+    counts = np.zeros(high - low + 1, dtype=np.int64)
+    for slab in slabs(values):
+        integers = slab.astype(np.int64)
+        if values.dtype.kind == "f" and not np.array_equal(integers, slab):
+            return np.unique(array)
+        counts += np.bincount((integers - low).ravel(order="K"), minlength=len(counts))
+    return (np.flatnonzero(counts) + low).astype(array.dtype)
+
+
+def slabs(array: np.ndarray, voxels: int = SLAB_VOXELS) -> list[np.ndarray]:
+    """Views of `array` in slabs of about `voxels`, cut along its slowest axis (the last for NIfTI's Fortran order)."""
+    axis = array.ndim - 1 if array.flags.f_contiguous else 0
+    return np.array_split(array, max(1, math.ceil(array.size / voxels)), axis=axis)
 
 
 def open_nifti(path: Path, missing_problem: str) -> nib.spatialimages.SpatialImage:
