@@ -255,3 +255,34 @@ def test_skip_bad_with_no_case_left(tmp_path):
     with pytest.raises(DataError, match="no usable case left: all 2 cases are bad") as error:
         prepare(root, tmp_path / "cache", skip_bad=True)
     assert error.value.path == root
+
+
+@pytest.mark.parametrize("damage", ["none", "truncated", "corrupt", "trailing data"])
+def test_isal_reads_what_nibabel_reads_and_fails_as_it_fails(tmp_path, monkeypatch, damage):
+    """With the optional isal package, gzip NIfTI is decompressed by igzip: the same voxels, and for a
+    damaged file the same one-line error as nibabel's own reading."""
+    pytest.importorskip("isal")
+    from hypersort_core.data import volumes
+
+    path = write_nifti(tmp_path / "image.nii.gz", np.random.default_rng(0).integers(-1000, 1000, (40, 40, 40), dtype=np.int16))
+    data, middle = path.read_bytes(), len(path.read_bytes()) // 2
+    path.write_bytes({
+        "none": data,
+        "truncated": data[:-40],
+        "corrupt": data[:middle] + bytes(40) + data[middle + 40 :],
+        "trailing data": data + gzip.compress(bytes(1000)),  # a second gzip member: the first's size no longer ends the file
+    }[damage])
+
+    def read(isal: bool):
+        if not isal:
+            monkeypatch.setattr(volumes, "igzip", None)
+        try:
+            return volumes.read_voxels(volumes.open_nifti(path, "missing"), path, np.float32)
+        except DataError as error:
+            return str(error)
+
+    with_isal, without = read(True), read(False)
+    if isinstance(without, str):
+        assert with_isal == without and "truncated or corrupt" in without
+    else:
+        np.testing.assert_array_equal(with_isal, without)
