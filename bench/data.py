@@ -142,7 +142,7 @@ def run_phase(phase: str, data: Path, cache: Path, workers: int) -> dict:
         "cases_read": sum(read),
         "exit_code": report.exit_code,
         "main_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "largest_worker_peak_mib": max(workers_peaks.peaks.values(), default=0) / 1024 if workers else None,
+        "largest_worker_peak_mib": max(workers_peaks.peaks.values()) / 1024 if workers and workers_peaks.peaks else None,
     }
 
 
