@@ -82,12 +82,13 @@ def synth(out: Path, cases: int, size: int, perturbed: float, kinds: tuple[str, 
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Where prepared cases are kept and reused across runs  [default: $HSORT_CACHE or ~/.cache/hypersort]")
 @click.option("--nproc", type=click.IntRange(min=1), default=None, help="Train with N processes on this machine (one per GPU): starts `torchrun --standalone --nproc_per_node N` for you.")
 @click.option("--skip-bad", is_flag=True, default=None, help="Leave out bad cases instead of stopping.")
+@click.option("--force", is_flag=True, help="Start even when the estimated peak memory exceeds the free memory.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Start again in an --out that already holds a run.")
 @click.option("--no-analyze", is_flag=True, help="Skip `hsort analyze` at the end.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @reports_bad_input
-def fit(data: Path, run_dir: Path, preset: str, resume: bool, overwrite: bool, no_analyze: bool, quiet: bool, cache_dir: Path | None, nproc: int | None, **options) -> None:
+def fit(data: Path, run_dir: Path, preset: str, resume: bool, overwrite: bool, force: bool, no_analyze: bool, quiet: bool, cache_dir: Path | None, nproc: int | None, **options) -> None:
     """Train HyperSORT on DATA, write the run folder --out, then analyze it.
 
     Under torchrun every process runs this command; rank 0 alone checks the data, prints and analyzes.
@@ -105,6 +106,8 @@ def fit(data: Path, run_dir: Path, preset: str, resume: bool, overwrite: bool, n
     # this process checks before it starts torchrun, so that bad input is still one line and exit code 2.
     if not resume and world.is_main and not os.environ.get(CHECKED_ENV):
         check_before_training(data, config, warn=lambda issue: click.echo(f"warning: {issue}", err=True), cache_dir=cache_dir, progress=not quiet)
+    if not resume and world.size == 1 and not (nproc and nproc > 1):
+        _estimate_first(data, config, force)
     if nproc and nproc > 1 and world.size == 1:
         _run_under_torchrun(nproc)
     settings = {k: options[k] for k in RESUMABLE_SETTINGS} if resume else options
@@ -119,6 +122,16 @@ def fit(data: Path, run_dir: Path, preset: str, resume: bool, overwrite: bool, n
     if run.analysis is not None:
         click.echo(format_summary(run.analysis))
     _print_fit_summary(result, data, run.analysis)
+
+
+def _estimate_first(data: Path, config, force: bool) -> None:
+    """Time per epoch and peak memory, from one real step; a run that would not fit in memory stops here unless --force."""
+    from hypersort_core.estimate import estimate_fit
+
+    estimate = estimate_fit(data, config)
+    click.echo(estimate.describe())
+    if not force:
+        estimate.check_fits(config)
 
 
 def _run_under_torchrun(nproc: int) -> None:

@@ -66,7 +66,7 @@ from hypersort_core.faults import os_error_of
 from hypersort_core.latents import plot_latent_map, write_latents_csv
 from hypersort_core.log import plot_progress, write_log_csv
 from hypersort_core.loss import hypersort_loss
-from hypersort_core.model import HyperSORT, plain_unet
+from hypersort_core.model import HyperSORT
 from hypersort_core.run_folder import CONFIG_NAME, run_cache_dir, write_config
 
 SUM_KEYS = ("loss", "cross_entropy", "dice", "latent_l1")
@@ -89,23 +89,6 @@ class FitResult:
     bad_cases: list[DataError]
     cache_dir: Path  # the prepared cases of these settings, reused by later runs
     signal: int | None = None  # with stopped == INTERRUPTED: the signal that asked for the stop (SIGINT, SIGTERM)
-
-
-def estimated_step_seconds(config: TrainConfig) -> float:
-    """Seconds per training step on this CPU: the UNet's FLOPs over a measured conv3d rate."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.device("meta"):
-        unet = plain_unet(config.model)
-        x = torch.empty(config.batch_size, config.model.in_channels, *config.preprocess.roi)
-        with FlopCounterMode(display=False) as counter:
-            unet(x).sum().backward()
-    probe = torch.randn(1, 16, 32, 32, 32)
-    weight = torch.randn(16, 16, 3, 3, 3)
-    start = time.perf_counter()
-    torch.nn.functional.conv3d(probe, weight, padding=1)
-    rate = 2 * 16 * 16 * 27 * 32**3 / (time.perf_counter() - start)
-    return counter.get_total_flops() / rate
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,9 +131,6 @@ def _fit(world: World, data: Path, run_dir: Path, config: TrainConfig, resume: b
         case_ids = [case.case_id for case in prepared.cases]
         if world.is_main:
             write_config(run_dir, config, data, case_ids, cache_dir)
-    if world.is_main and device.type == "cpu" and config.preset == "paper" and payload is None:
-        steps = math.ceil(len(case_ids) / (config.batch_size * world.size))
-        print(f"estimated time per epoch on this CPU: {steps * estimated_step_seconds(config) / 60:.1f} min ({steps} steps); --preset small is CPU-sized")
 
     model = initial_model(config, case_ids, device)
     optimizers = build_optimizers(model, config, device)

@@ -1,7 +1,6 @@
 """`fit` writes the run folder it promises and continues exactly where a checkpoint left off."""
 import csv
 import json
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ from hypersort_core.checkpoint import CheckpointError, load_checkpoint
 from hypersort_core.config import ConfigError
 from hypersort_core.data import make_synthetic_dataset
 from hypersort_core.latents import read_latents_csv
-from hypersort_core.train import estimated_step_seconds, fit
+from hypersort_core.train import fit
 
 
 @pytest.fixture
@@ -88,12 +87,6 @@ def test_resume_refuses_a_damaged_checkpoint(dataset, tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="damaged"):
         fit(dataset, tmp_path / "run", tiny_config(epochs=2), resume=True, progress=False)
-
-
-def test_cpu_time_estimate_scales_with_the_roi():
-    small = estimated_step_seconds(replace(tiny_config(), preprocess=replace(tiny_config().preprocess, roi=(16, 16, 16))))
-    large = estimated_step_seconds(replace(tiny_config(), preprocess=replace(tiny_config().preprocess, roi=(64, 64, 64))))
-    assert 0 < small < large
 
 
 def test_a_new_fit_does_not_overwrite_an_existing_run_unless_asked(dataset, tmp_path):
