@@ -218,11 +218,12 @@ def all_case_facts(
     its prepared entry is there too), else from one read of its files, in `workers` processes."""
     findings = None if cache_dir is None else findings_folder(cache_dir, dataset, selection)
     prepared = None if prepare is None or cache_dir is None else prepared_folder(cache_dir, dataset, selection, prepare)
-    facts = {case.case_id: cached_facts(case, selection, findings, prepared) for case in dataset.cases}
-    jobs = [(case, selection, dataset.declared_values, findings, prepare, prepared) for case in dataset.cases if facts[case.case_id] is None]
-    for job, fact in zip(jobs, run_in_processes(check_and_prepare, jobs, workers, "checking and preparing" if prepared else "checking", progress)):
-        facts[job[0].case_id] = fact
-    return list(facts.values())
+    facts = [cached_facts(case, selection, findings, prepared) for case in dataset.cases]
+    unread = [index for index, fact in enumerate(facts) if fact is None]
+    jobs = [(dataset.cases[index], selection, dataset.declared_values, findings, prepare, prepared) for index in unread]
+    for index, fact in zip(unread, run_in_processes(check_and_prepare, jobs, workers, "checking and preparing" if prepared else "checking", progress)):
+        facts[index] = fact
+    return facts
 
 
 def findings_folder(cache_dir: Path, dataset: Dataset, selection: LabelSelection) -> Path:
