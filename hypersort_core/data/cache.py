@@ -5,7 +5,9 @@ arrays and a .json record written last, so an interrupted run resumes where it s
 changed input file (path, size or mtime) is prepared again on its own.  The entries are keyed by
 the input files themselves, so one cache folder serves every run and every dataset: a second run
 with the same settings reads no volume again.  Bad cases are recorded too, so that a later run
-reports them without reading their volumes again.  Every file is written under a temporary name
+reports them without reading their volumes again.  `hsort check` keeps each case's findings beside them,
+in cache_dir/check-<hash of the label selection>/, keyed by the same file stamps (check.py), so that `fit` checks
+and prepares a case in one read and a second check reads nothing.  Every file is written under a temporary name
 and renamed, so processes filling one cache at the same time never see each other's partial files.
 """
 
