@@ -45,6 +45,6 @@ def test_a_second_run_with_the_same_settings_reuses_the_prepared_cases(datasets,
     entries = sorted(path.name for path in cache.rglob("*.json"))
     stamps = {path: path.stat().st_mtime_ns for path in cache.rglob("*.npy")}
     peak_memory(datasets[200], tmp_path / "second", cache)
-    assert sorted(path.name for path in cache.rglob("*.json")) == entries and len(entries) == 200
+    assert sorted(path.name for path in cache.rglob("*.json")) == entries and len(entries) == 2 * 200  # per case: its prepared entry, its findings
     assert {path: path.stat().st_mtime_ns for path in cache.rglob("*.npy")} == stamps  # nothing prepared again
     assert json.loads((tmp_path / "second" / "config.json").read_text())["cache"] == str(cache.resolve())
