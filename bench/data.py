@@ -12,7 +12,7 @@ process of its own, so that its peak memory is its own:
   second run       the same again with unchanged files: nothing is read (the `cases read` column)
 
 Reported per phase: seconds, seconds per case, the projection to TotalSegmentator's 1,204 CTs, and the
-peak resident memory of the main process (getrusage) and of its largest worker (VmHWM, sampled).  One table, and every
+peak resident memory (VmHWM) of the main process and of its largest worker (sampled while it runs).  One table, and every
 figure in OUT/data.json.
 
     python bench/data.py                                  # 8 CTs of 512 × 512 × 300, workers 0 and 2
@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -141,7 +140,7 @@ def run_phase(phase: str, data: Path, cache: Path, workers: int) -> dict:
         "seconds": seconds,
         "cases_read": sum(read),
         "exit_code": report.exit_code,
-        "main_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "main_peak_mib": peak_kib(os.getpid()) / 1024,  # not getrusage: its peak carries over from the process that started this one
         "largest_worker_peak_mib": max(workers_peaks.peaks.values()) / 1024 if workers and workers_peaks.peaks else None,
     }
 
