@@ -152,7 +152,7 @@ class WorkerPeaks:
     def __init__(self, every_seconds: float = 0.05):
         self.every_seconds, self.peaks, self.done = every_seconds, {}, threading.Event()
 
-    def __enter__(self) -> "WorkerPeaks":
+    def __enter__(self) -> WorkerPeaks:
         self.thread = threading.Thread(target=self.sample, daemon=True)
         self.thread.start()
         return self

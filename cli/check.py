@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import click
+
 from hypersort_core.cli.options import reports_bad_input
 from hypersort_core.data import LAYOUTS
 from hypersort_core.data.layouts import TOTALSEGMENTATOR_SPLITS

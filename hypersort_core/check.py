@@ -37,9 +37,9 @@ from hypersort_core.data.cache import (
     output_file_name,
     output_name_problem,
     prepared_folder,
+    record_case,
     record_path,
     run_in_processes,
-    record_case,
 )
 from hypersort_core.data.layouts import load_json
 from hypersort_core.data.preprocess import PreprocessConfig
@@ -119,7 +119,7 @@ class CaseFacts:
         }
 
     @classmethod
-    def from_record(cls, case: Case, record: dict) -> "CaseFacts":
+    def from_record(cls, case: Case, record: dict) -> CaseFacts:
         return cls(
             case,
             [Issue(severity, case.case_id, Path(file), problem) for severity, file, problem in record["issues"]],

@@ -130,7 +130,7 @@ class PeakMemory:
     def __init__(self, device: torch.device):
         self.device, self.peak = device, 0.0
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)

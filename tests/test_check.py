@@ -22,9 +22,9 @@ from dataset_writers import (
     write_nnunet,
     write_totalsegmentator,
 )
-from hypersort_core.cli.check import check
 
 from hypersort_core.check import check_dataset
+from hypersort_core.cli.check import check
 from hypersort_core.data import DataError, PreprocessConfig, prepare_cases, read_dataset, select_labels
 from hypersort_core.data.volumes import distinct_values
 
