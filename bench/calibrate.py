@@ -10,6 +10,7 @@ need), and the training step when the static report covers every layer (every la
 the measured step also runs ReLU, InstanceNorm, the loss and the optimizers, which the bound leaves out).  A measured time can only
 be above its bound; the ratio says by how much.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,7 @@ SHAPE_FIELDS = ("transposed", "c_in", "c_out", "kernel", "stride", "padding")
 
 
 def _same_shape(static_shape: dict | None, bench_shape: dict) -> bool:
-    return static_shape is not None and static_shape["in_size"] == bench_shape["size"] and all(
-        static_shape[f] == bench_shape[f] for f in SHAPE_FIELDS)
+    return static_shape is not None and static_shape["in_size"] == bench_shape["size"] and all(static_shape[f] == bench_shape[f] for f in SHAPE_FIELDS)
 
 
 def bound_lines(static: dict, bench: dict) -> list[str]:
@@ -47,9 +47,11 @@ def bound_lines(static: dict, bench: dict) -> list[str]:
             bound = sum(r["issue_bound_s"] for r in matching) / len(layers)
         else:
             continue
-        lines.append(f"{row['section']} {row['case']} {row['dtype']} B={batch} {row['mode']}: measured "
-                     f"{row['median_s'] * 1e3:.3g} ms, static issue bound >= {bound * 1e3:.3g} ms on the {device} "
-                     f"(measured / bound = {row['median_s'] / bound:.2f})")
+        lines.append(
+            f"{row['section']} {row['case']} {row['dtype']} B={batch} {row['mode']}: measured "
+            f"{row['median_s'] * 1e3:.3g} ms, static issue bound >= {bound * 1e3:.3g} ms on the {device} "
+            f"(measured / bound = {row['median_s'] / bound:.2f})"
+        )
     return lines
 
 

@@ -16,6 +16,7 @@ Jobs run in parallel processes (--jobs, one thread each).  Datasets are written 
 baselines are cached per dataset and training recipe, so variants of HyperSORT-only settings do not
 retrain them.  Writes OUT/<tag>/results.json and prints one table (median over datasets).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,7 +58,15 @@ def main() -> None:
         "tag": args.tag,
         "settings": settings,
         "epochs": args.epochs,
-        "datasets": {"cases": args.cases, "seeds": args.seeds, "size": args.size, "kinds": KINDS, "perturbed": PERTURBED, "style": args.style, "style_fraction": STYLE_FRACTION},
+        "datasets": {
+            "cases": args.cases,
+            "seeds": args.seeds,
+            "size": args.size,
+            "kinds": KINDS,
+            "perturbed": PERTURBED,
+            "style": args.style,
+            "style_fraction": STYLE_FRACTION,
+        },
         "minutes": round((time.monotonic() - started) / 60, 1),
         "summary": summary,
         "runs": results,
@@ -221,8 +230,10 @@ def summarize(results: list[dict]) -> dict:
 
 def format_table(summary: dict, report: dict) -> str:
     columns = (*KINDS, "overall")
-    lines = [f"curation benchmark '{report['tag']}' ({report['minutes']} min): median AUROC over {len(summary['per_run'])} datasets",
-             f"{'score':<16}" + "".join(f"{column[:10]:>11}" for column in columns)]
+    lines = [
+        f"curation benchmark '{report['tag']}' ({report['minutes']} min): median AUROC over {len(summary['per_run'])} datasets",
+        f"{'score':<16}" + "".join(f"{column[:10]:>11}" for column in columns),
+    ]
     for score, row in summary["median"].items():
         lines.append(f"{score:<16}" + "".join(f"{row[c]:>11.3f}" if row[c] is not None else f"{'n/a':>11}" for c in columns))
     lines.append(f"style subset as one cluster: F1 median {summary['style_f1_median']:.2f} ({', '.join(f'{v:.2f}' for v in summary['style_f1'])})")

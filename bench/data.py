@@ -18,6 +18,7 @@ figure in OUT/data.json.
     python bench/data.py                                  # 8 CTs of 512 × 512 × 300, workers 0 and 2
     python bench/data.py --cases 3 --shape 64,64,40 --workers 0   # a dry run in seconds
 """
+
 from __future__ import annotations
 
 import argparse
@@ -194,7 +195,12 @@ def peak_kib(pid: int) -> int | None:
 
 
 def machine() -> dict:
-    return {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(), "python": platform.python_version(), "load_average": os.getloadavg()}
+    return {
+        "cpus": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "load_average": os.getloadavg(),
+    }
 
 
 COLUMNS = ("phase", "workers", "cases read", "s", "s/case", "1,204 cases (h)", "peak MiB main", "peak MiB worker")
@@ -202,15 +208,27 @@ COLUMNS = ("phase", "workers", "cases read", "s", "s/case", "1,204 cases (h)", "
 
 def format_row(row: dict) -> str:
     worker = "-" if row["largest_worker_peak_mib"] is None else f"{row['largest_worker_peak_mib']:.0f}"
-    cells = (row["phase"], row["workers"], row["cases_read"], f"{row['seconds']:.1f}", f"{row['seconds_per_case']:.2f}",
-             f"{row['projected_hours_for_1204_cases']:.2f}", f"{row['main_peak_mib']:.0f}", worker)
+    cells = (
+        row["phase"],
+        row["workers"],
+        row["cases_read"],
+        f"{row['seconds']:.1f}",
+        f"{row['seconds_per_case']:.2f}",
+        f"{row['projected_hours_for_1204_cases']:.2f}",
+        f"{row['main_peak_mib']:.0f}",
+        worker,
+    )
     return "| " + " | ".join(str(cell) for cell in cells) + " |"
 
 
 def format_table(report: dict) -> str:
     shape = "×".join(map(str, report["shape"]))
-    lines = [f"{report['cases']} CTs of {shape} int16 (gzip), {report['machine']['cpus']} CPUs, load average {report['machine']['load_average'][0]:.1f}", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines = [
+        f"{report['cases']} CTs of {shape} int16 (gzip), {report['machine']['cpus']} CPUs, load average {report['machine']['load_average'][0]:.1f}",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
     return "\n".join(lines + [format_row(row) for row in report["rows"]])
 
 

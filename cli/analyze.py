@@ -1,9 +1,11 @@
 """`hsort analyze RUN`: scores, clusters, ranking, the latent map and the review report of a run."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import click
+
 from hypersort_core.analysis import GALLERY, METHODS
 from hypersort_core.cli.options import device_option, reports_bad_input
 from hypersort_core.report import PICTURES
@@ -14,7 +16,9 @@ from hypersort_core.report import PICTURES
 @click.option("--clusters", type=click.IntRange(min=1), default=None, help="Number of clusters  [default: chosen by BIC, 1 to 6]")
 @click.option("--method", type=click.Choice(METHODS), default=METHODS[0], show_default=True, help="Gaussian mixture or k-means.")
 @click.option("--gallery", type=click.IntRange(min=0), default=GALLERY, show_default=True, help="Most suspicious cases shown in report.html.")
-@click.option("--pictures", type=click.IntRange(min=0), default=PICTURES, show_default=True, help="Most suspicious cases drawn as slice pictures (0.2 s each on a CPU).")
+@click.option(
+    "--pictures", type=click.IntRange(min=0), default=PICTURES, show_default=True, help="Most suspicious cases drawn as slice pictures (0.2 s each on a CPU)."
+)
 @device_option(help="Where the λ = 0 UNet segments the cases.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @reports_bad_input

@@ -1,4 +1,5 @@
 """`hsort review` and `hsort curate`: a curator's decisions about the ranked cases, and the dataset they make."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,7 +13,13 @@ from hypersort_core.cli.predict import DEVICE_OPTION, RUN_ARGUMENT
 @click.command()
 @RUN_ARGUMENT
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="The new nnU-Net raw dataset (dataset.json, imagesTr, labelsTr).")
-@click.option("--review", "review_csv", type=click.Path(dir_okay=False, path_type=Path), default=None, help="The decisions  [default: RUN/review.csv, written by hsort review]")
+@click.option(
+    "--review",
+    "review_csv",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The decisions  [default: RUN/review.csv, written by hsort review]",
+)
 @click.option("--copy", is_flag=True, help="Copy the images instead of linking them (labels are always copied).")
 @click.option("--overwrite", is_flag=True, help="Replace an --out that an earlier hsort curate wrote.")
 @DEVICE_OPTION
@@ -27,8 +34,10 @@ def curate(run_dir: Path, out: Path, review_csv: Path | None, copy: bool, overwr
     curation = curate_dataset(load_run(run_dir, device), out, review_csv, copy=copy, overwrite=overwrite, progress=not quiet)
     replaced = sum(case.label_source == "prediction" for case in curation.cases)
     left_out = len(curation.cases) - curation.kept
-    click.echo(f"wrote {curation.kept} cases to {curation.out} ({replaced} labels replaced by a prediction, {left_out} cases left out); "
-               f"what was done to each: {curation.out / CURATION_NAME}")
+    click.echo(
+        f"wrote {curation.kept} cases to {curation.out} ({replaced} labels replaced by a prediction, {left_out} cases left out); "
+        f"what was done to each: {curation.out / CURATION_NAME}"
+    )
 
 
 @click.command()

@@ -1,4 +1,5 @@
 """`hsort`: parse, call the library, print.  Bad input is one line on stderr and exit code 2."""
+
 from __future__ import annotations
 
 import logging
@@ -7,9 +8,9 @@ import sys
 from pathlib import Path
 
 import click
-from hypersort_core.cli.options import comma_list, device_option, error_kinds, preset_option, reports_bad_input, triple
 
 from hypersort_core import __version__
+from hypersort_core.cli.options import comma_list, device_option, error_kinds, preset_option, reports_bad_input, triple
 from hypersort_core.config import PRECISIONS
 from hypersort_core.data import CROPS, LAYOUTS
 from hypersort_core.data.label_errors import ERROR_KINDS, STYLES
@@ -33,10 +34,15 @@ def main() -> None:
 @click.option("--cases", default=60, show_default=True, type=click.IntRange(min=1), help="Number of phantoms.")
 @click.option("--size", default=32, show_default=True, type=click.IntRange(min=16), help="Side of each volume in voxels (2 mm spacing).")
 @click.option("--perturbed", default=0.15, show_default=True, type=click.FloatRange(0, 1), help="Fraction of labels with an error.")
-@click.option("--kinds", default=",".join(DEFAULT_KINDS), show_default=True, callback=error_kinds,
-              help=f"Error kinds, taken in turn: {','.join(ERROR_KINDS)} (or 'all').")
-@click.option("--style", type=click.Choice(list(STYLES)), default=None,
-              help="Protocol of a subset annotated differently: neighbour (the adjacent structure included) or coarse (blocky contours).")
+@click.option(
+    "--kinds", default=",".join(DEFAULT_KINDS), show_default=True, callback=error_kinds, help=f"Error kinds, taken in turn: {','.join(ERROR_KINDS)} (or 'all')."
+)
+@click.option(
+    "--style",
+    type=click.Choice(list(STYLES)),
+    default=None,
+    help="Protocol of a subset annotated differently: neighbour (the adjacent structure included) or coarse (blocky contours).",
+)
 @click.option("--style-fraction", default=0.0, show_default=True, type=click.FloatRange(0, 1), help="Fraction of cases annotated in --style.")
 @click.option("--seed", default=0, show_default=True)
 @reports_bad_input
@@ -59,7 +65,12 @@ def synth(out: Path, cases: int, size: int, perturbed: float, kinds: tuple[str, 
 @preset_option("paper", "paper: the paper's UNet at 2 mm, ROI 168; small: CPU-sized.")
 @click.option("--layout", type=click.Choice(["auto", *LAYOUTS]), default=None, help="Dataset layout (default: detected).")
 @click.option("--label", default=None, help="Structures to learn: NAME|INT[,...] (default: all foreground as one class).")
-@click.option("--split", type=click.Choice(TOTALSEGMENTATOR_SPLITS), default=None, help="TotalSegmentator: only the subjects meta.csv puts in this split (default: every subject folder).")
+@click.option(
+    "--split",
+    type=click.Choice(TOTALSEGMENTATOR_SPLITS),
+    default=None,
+    help="TotalSegmentator: only the subjects meta.csv puts in this split (default: every subject folder).",
+)
 @click.option("--batch-size", type=int, default=None)
 @click.option("--epochs", type=int, default=None)
 @click.option("--max-minutes", type=float, default=None, help="Stop (with a checkpoint) after this much training time.")
@@ -76,11 +87,26 @@ def synth(out: Path, cases: int, size: int, perturbed: float, kinds: tuple[str, 
 @click.option("--spacing", default=None, callback=triple(float), help="Target spacing in mm: 2 or 2,2,3.")
 @click.option("--roi", default=None, callback=triple(int), help="ROI in voxels: 168 or 160,160,96.")
 @click.option("--crop", type=click.Choice(CROPS), default=None, help="ROI centred on the label, the image, or random crops.")
-@click.option("--augment/--no-augment", default=None, help="Random rotation, zoom and intensity jitter per draw (no flips), so that the UNet cannot learn wrong labels by heart.")
+@click.option(
+    "--augment/--no-augment",
+    default=None,
+    help="Random rotation, zoom and intensity jitter per draw (no flips), so that the UNet cannot learn wrong labels by heart.",
+)
 @click.option("--checkpoint-every", type=int, default=None, help="Epochs between checkpoints (one is always written at the end).")
 @click.option("--workers", type=int, default=None, help="Processes that prepare the cases and load batches (per training process).")
-@click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Where prepared cases are kept and reused across runs  [default: $HSORT_CACHE or ~/.cache/hypersort]")
-@click.option("--nproc", type=click.IntRange(min=1), default=None, help="Train with N processes on this machine (one per GPU): starts `torchrun --standalone --nproc_per_node N` for you.")
+@click.option(
+    "--cache",
+    "cache_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where prepared cases are kept and reused across runs  [default: $HSORT_CACHE or ~/.cache/hypersort]",
+)
+@click.option(
+    "--nproc",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Train with N processes on this machine (one per GPU): starts `torchrun --standalone --nproc_per_node N` for you.",
+)
 @click.option("--skip-bad", is_flag=True, default=None, help="Leave out bad cases instead of stopping.")
 @click.option("--force", is_flag=True, help="Start even when the estimated peak memory exceeds the free memory.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
@@ -88,7 +114,19 @@ def synth(out: Path, cases: int, size: int, perturbed: float, kinds: tuple[str, 
 @click.option("--no-analyze", is_flag=True, help="Skip `hsort analyze` at the end.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @reports_bad_input
-def fit(data: Path, run_dir: Path, preset: str, resume: bool, overwrite: bool, force: bool, no_analyze: bool, quiet: bool, cache_dir: Path | None, nproc: int | None, **options) -> None:
+def fit(
+    data: Path,
+    run_dir: Path,
+    preset: str,
+    resume: bool,
+    overwrite: bool,
+    force: bool,
+    no_analyze: bool,
+    quiet: bool,
+    cache_dir: Path | None,
+    nproc: int | None,
+    **options,
+) -> None:
     """Train HyperSORT on DATA, write the run folder --out, then analyze it.
 
     Under torchrun every process runs this command; rank 0 alone checks the data, prints and analyzes.
@@ -111,7 +149,18 @@ def fit(data: Path, run_dir: Path, preset: str, resume: bool, overwrite: bool, f
     if nproc and nproc > 1 and world.size == 1:
         _run_under_torchrun(nproc)
     settings = {k: options[k] for k in RESUMABLE_SETTINGS} if resume else options
-    run = fit_run(data, run_dir, preset=preset, check=False, resume=resume, overwrite=overwrite, analyze=not no_analyze, progress=not quiet, cache_dir=cache_dir, **settings)
+    run = fit_run(
+        data,
+        run_dir,
+        preset=preset,
+        check=False,
+        resume=resume,
+        overwrite=overwrite,
+        analyze=not no_analyze,
+        progress=not quiet,
+        cache_dir=cache_dir,
+        **settings,
+    )
     result = run.fit_result
     interrupted_exit = INTERRUPTED_EXIT if result.signal is None else 128 + result.signal  # 130 SIGINT, 143 SIGTERM
     if not world.is_main:
@@ -166,7 +215,13 @@ def _print_fit_summary(result, data: Path, analysis=None) -> None:
     run = result.run_dir
     how = {None: "finished", TIME_BUDGET: "stopped at the time budget", INTERRUPTED: "interrupted"}[result.stopped]
     click.echo(f"{how} after {result.epochs_done} epoch{'' if result.epochs_done == 1 else 's'}; run folder: {run}")
-    for name, what in [(LATENTS_NAME, "latents and scores"), (LATENT_MAP_NAME, "latent map"), (LOG_NAME, "per-epoch log"), (PROGRESS_NAME, "loss curves"), (CHECKPOINT_NAME, "checkpoint (continue with --resume)")]:
+    for name, what in [
+        (LATENTS_NAME, "latents and scores"),
+        (LATENT_MAP_NAME, "latent map"),
+        (LOG_NAME, "per-epoch log"),
+        (PROGRESS_NAME, "loss curves"),
+        (CHECKPOINT_NAME, "checkpoint (continue with --resume)"),
+    ]:
         click.echo(f"  {run / name}  ({what})")
     click.echo(f"  prepared cases: {result.cache_dir}  (reused by later runs with the same settings)")
     for error in result.bad_cases:
@@ -187,10 +242,17 @@ def _print_fit_summary(result, data: Path, analysis=None) -> None:
 @preset_option(None, "UNet architecture  [default: paper on CUDA, small on CPU]")
 @click.option("--dtype", "dtypes", default=None, callback=comma_list(str), help="float32,bfloat16  [default: both on CUDA, float32 on CPU]")
 @device_option()
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="JSON file with every measurement  [default: bench/out/bench.json, bench/out/static.json with --static]")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="JSON file with every measurement  [default: bench/out/bench.json, bench/out/static.json with --static]",
+)
 @click.option("--quick", is_flag=True, help="Fewer repeats and one layer of each kind: proves the run end to end.")
 @click.option("--only", "sections", default=None, callback=comma_list(str), help="Sections: layers,head,step,block  [default: all]")
-@click.option("--static", "static", is_flag=True, help="No GPU needed: compile every kernel launch of one training step for --arch and bound it from its machine code.")
+@click.option(
+    "--static", "static", is_flag=True, help="No GPU needed: compile every kernel launch of one training step for --arch and bound it from its machine code."
+)
 @click.option("--arch", type=click.Choice(["sm_90", "sm_80"]), default="sm_90", show_default=True, help="With --static: the GPU to compile for.")
 @click.option("--layers", default=None, callback=comma_list(str), help="With --static: only these UNet layers (and 'head')  [default: all]")
 @click.option("--json", "as_json", is_flag=True, help="With --static: print the JSON report instead of the table.")
@@ -207,8 +269,18 @@ def bench(out: Path | None, static: bool, arch: str, layers: tuple[str, ...] | N
     click.echo(format_report(report, out))
 
 
-def _static_bench(out: Path, arch: str, layers: tuple[str, ...] | None, as_json: bool, *, size: int | None,
-                  batches: tuple[int, ...] | None, preset: str | None, dtypes: tuple[str, ...] | None, **timing_options) -> None:
+def _static_bench(
+    out: Path,
+    arch: str,
+    layers: tuple[str, ...] | None,
+    as_json: bool,
+    *,
+    size: int | None,
+    batches: tuple[int, ...] | None,
+    preset: str | None,
+    dtypes: tuple[str, ...] | None,
+    **timing_options,
+) -> None:
     """`hsort bench --static`: the static report of one training step, as a table (or JSON) and a JSON file."""
     import json
 

@@ -1,4 +1,5 @@
 """What the `hsort` commands share: the bad-input convention and option parsers."""
+
 from __future__ import annotations
 
 import functools

@@ -1,9 +1,11 @@
 """`hsort predict`, `correct`, `export` and `import-reference`: from a run to labels, pseudo-labels and plain UNets."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import click
+
 from hypersort_core.cli.options import device_option, reports_bad_input, triple
 from hypersort_core.data import CROPS
 
@@ -25,8 +27,17 @@ CASE_OPTION = click.option("--case", default=None, metavar="ID", help="A trainin
 @DEVICE_OPTION
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @reports_bad_input
-def predict(run_dir: Path, images: tuple[str, ...], out_dir: Path, latent: str | None, cluster: int | None, case: str | None,
-            all_clusters: bool, device: str, quiet: bool) -> None:
+def predict(
+    run_dir: Path,
+    images: tuple[str, ...],
+    out_dir: Path,
+    latent: str | None,
+    cluster: int | None,
+    case: str | None,
+    all_clusters: bool,
+    device: str,
+    quiet: bool,
+) -> None:
     """Segment IMAGE... (files, folders or quoted globs) in one style (default λ = 0, the main style); labels keep each image's geometry."""
     from hypersort_core.config import ConfigError
     from hypersort_core.predict import image_paths, predict_images
@@ -70,7 +81,12 @@ def correct(run_dir: Path, cluster: int, cases: tuple[str, ...], flagged: int | 
 @LATENT_OPTION
 @CLUSTER_OPTION
 @CASE_OPTION
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The weights, e.g. unet.safetensors (the description goes beside it as .json).")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The weights, e.g. unet.safetensors (the description goes beside it as .json).",
+)
 @reports_bad_input
 def export(run_dir: Path, latent: str | None, cluster: int | None, case: str | None, out: Path) -> None:
     """Write one style's UNet as plain weights (safetensors), loadable with hypersort_core.UNet.from_file."""
@@ -97,8 +113,7 @@ def export(run_dir: Path, latent: str | None, cluster: int | None, case: str | N
 @click.option("--crop", type=click.Choice(CROPS), default=None, help="ROI centred on the label, the image, or random crops  [default: label]")
 @click.option("--allow-missing", is_flag=True, help="Leave out data-list rows that have no latent, instead of stopping.")
 @reports_bad_input
-def import_reference(weights: Path, latent_dict: Path, data_list: Path, run_dir: Path, label: str | None,
-                     allow_missing: bool, **preprocess) -> None:
+def import_reference(weights: Path, latent_dict: Path, data_list: Path, run_dir: Path, label: str | None, allow_missing: bool, **preprocess) -> None:
     """Turn a checkpoint of the paper's public code (model_w.pt, latent_dict.pt and its data list: the .txt of its data_files/, or a .tsv/.csv) into a run folder."""
     from dataclasses import replace
 

@@ -4,6 +4,7 @@ The Python API (api.py) is what the `hsort` commands call: `fit` a dataset, `loa
 ask the `Run` for its scores, clusters and segmentations in a style, `find_label_issues` in any latent
 table, `check_dataset` before training.  The model parts are here too, for those who build on them.
 """
+
 import importlib
 
 from hypersort_core.layers import HyperHead, PerSampleConv3d, PerSampleConvTranspose3d
@@ -26,6 +27,7 @@ def __getattr__(name: str):
     if name in _API:
         return getattr(importlib.import_module(_API[name]), name)
     raise AttributeError(f"module 'hypersort_core' has no attribute {name!r}")
+
 
 __all__ = [
     "CheckReport",

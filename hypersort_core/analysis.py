@@ -35,6 +35,7 @@ others follow by size, largest first, and are named "style 1", "style 2", ...
 Files in the run folder (written by report.py): clusters.csv, ranking.csv, a `cluster` column added to
 latents.csv, and latent_map.png, latent_map.html and report.html.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -177,8 +178,9 @@ def rank_cases(score: np.ndarray) -> np.ndarray:
     return np.argsort(-np.asarray(score), kind="stable")
 
 
-def find_label_issues(latents: np.ndarray, case_ids: list[str] | None = None, method: str = "gmm", clusters: int | None = None,
-                      loss_lambda0: np.ndarray | None = None) -> LabelIssues:
+def find_label_issues(
+    latents: np.ndarray, case_ids: list[str] | None = None, method: str = "gmm", clusters: int | None = None, loss_lambda0: np.ndarray | None = None
+) -> LabelIssues:
     """Score, cluster and rank any latent table [N, d], whatever produced it; nothing is read or written.
 
     case_ids default to "0", "1", ...; loss_lambda0 (each label's loss under the λ = 0 UNet) makes the
@@ -192,7 +194,9 @@ def find_label_issues(latents: np.ndarray, case_ids: list[str] | None = None, me
     return LabelIssues(case_ids, latents, find_clusters(latents, clusters, method), None if loss_lambda0 is None else np.asarray(loss_lambda0))
 
 
-def analyze(run: Run, prepared: dict[str, PreparedCase], clusters: int | None = None, method: str = "gmm", gallery: int = GALLERY, progress: bool = False) -> Analysis:
+def analyze(
+    run: Run, prepared: dict[str, PreparedCase], clusters: int | None = None, method: str = "gmm", gallery: int = GALLERY, progress: bool = False
+) -> Analysis:
     """Score, cluster and rank the training cases of a loaded run (no file is written: report.py does that)."""
     latents = run.latents
     clustering = find_clusters(latents, clusters, method)  # before the predictions: a bad --clusters fails at once

@@ -9,6 +9,7 @@
 
 `find_label_issues` scores and clusters any latent table, whatever produced it, without files.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -24,12 +25,12 @@ from hypersort_core.analysis import GALLERY, Analysis, LabelIssues, analyze, fin
 from hypersort_core.check import CheckReport, check_dataset
 from hypersort_core.config import ConfigError, TrainConfig
 from hypersort_core.data import PreprocessConfig, default_cache_dir
+from hypersort_core.distributed import world_from_environment
 from hypersort_core.export import export_unet
 from hypersort_core.main_style import prepared_training_cases
 from hypersort_core.model import ModelConfig
 from hypersort_core.predict import latent_probabilities, read_image, segment
 from hypersort_core.report import PICTURES, analyze_loaded_run
-from hypersort_core.distributed import world_from_environment
 from hypersort_core.run_folder import CLUSTERS_NAME, CONFIG_NAME, read_config
 from hypersort_core.styles import NamedLatent, case_latent, cluster_latent, cluster_name
 from hypersort_core.train import INTERRUPTED, FitResult
@@ -61,7 +62,9 @@ class Run(run_module.Run):
         """The annotation styles, the main one first: size, centroid z0.. and mean scores (clusters.csv)."""
         return self._analysis().cluster_records()
 
-    def analyze(self, out: Path | str | None = None, clusters: int | None = None, method: str = "gmm", pictures: int = PICTURES, progress: bool = True) -> Analysis:
+    def analyze(
+        self, out: Path | str | None = None, clusters: int | None = None, method: str = "gmm", pictures: int = PICTURES, progress: bool = True
+    ) -> Analysis:
         """Write ranking.csv, clusters.csv, the latent map and report.html into the run folder (or `out`), as `hsort analyze` does."""
         self.analysis = analyze_loaded_run(self, clusters, method, progress=progress, pictures=pictures, out=None if out is None else Path(out))
         return self.analysis
@@ -82,8 +85,15 @@ class Run(run_module.Run):
             raise ConfigError(f"latent {list(values)} must be {self.config.model.latent_dim} finite numbers")
         return NamedLatent("latent_" + "_".join(f"{value:g}" for value in values), values)
 
-    def segment(self, image: Path | str | nib.spatialimages.SpatialImage | np.ndarray, affine: np.ndarray | None = None, *,
-                latent: np.ndarray | list[float] | None = None, cluster: int | None = None, case: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def segment(
+        self,
+        image: Path | str | nib.spatialimages.SpatialImage | np.ndarray,
+        affine: np.ndarray | None = None,
+        *,
+        latent: np.ndarray | list[float] | None = None,
+        cluster: int | None = None,
+        case: str | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Segment one image in a style (λ = 0 unless a latent, cluster or case is given): (label map uint8, affine),
         on the image's own grid.  `image`: a NIfTI path, a nibabel image, or an array with its `affine`."""
         voxels, affine = self._image_and_affine(image, affine)
@@ -168,8 +178,16 @@ def check_before_training(
     """`hsort check` before training: each warning goes to `warn` once, and an error stops unless skip_bad.
     Each case is checked and prepared (into `cache_dir`, default_cache_dir() by default) in one read of its
     files, in config.workers processes; unchanged files are not read again."""
-    report = check_dataset(data, config.layout, config.label, progress=progress, split=config.split,
-                           cache_dir=Path(cache_dir or default_cache_dir()), workers=config.workers, prepare=config.preprocess)
+    report = check_dataset(
+        data,
+        config.layout,
+        config.label,
+        progress=progress,
+        split=config.split,
+        cache_dir=Path(cache_dir or default_cache_dir()),
+        workers=config.workers,
+        prepare=config.preprocess,
+    )
     for issue in report.warnings:
         (warn or _python_warning)(str(issue))
     if not config.skip_bad:
@@ -177,8 +195,20 @@ def check_before_training(
     return report
 
 
-def fit(data: Path | str, out: Path | str, *, preset: str = "paper", check: bool = True, resume: bool = False, overwrite: bool = False,
-        analyze: bool = True, progress: bool = True, cache_dir: Path | str | None = None, warn: Callable[[str], None] | None = None, **settings) -> Run:
+def fit(
+    data: Path | str,
+    out: Path | str,
+    *,
+    preset: str = "paper",
+    check: bool = True,
+    resume: bool = False,
+    overwrite: bool = False,
+    analyze: bool = True,
+    progress: bool = True,
+    cache_dir: Path | str | None = None,
+    warn: Callable[[str], None] | None = None,
+    **settings,
+) -> Run:
     """Check the dataset, train HyperSORT on it into the run folder `out`, and analyze the run, as `hsort fit` does.
 
     settings: those of `training_config` (resume: those of a resumed run).  check=False skips the dataset
@@ -187,7 +217,9 @@ def fit(data: Path | str, out: Path | str, *, preset: str = "paper", check: bool
     config.validate()
     if check and not resume:
         check_before_training(data, config, warn, cache_dir, progress)
-    result = train(Path(data), Path(out), config, resume=resume, progress=progress, overwrite=overwrite, cache_dir=None if cache_dir is None else Path(cache_dir))
+    result = train(
+        Path(data), Path(out), config, resume=resume, progress=progress, overwrite=overwrite, cache_dir=None if cache_dir is None else Path(cache_dir)
+    )
     run = replace(load_run(out, config.device), fit_result=result)
     if analyze and result.stopped != INTERRUPTED and len(result.case_ids) > 1 and world_from_environment().is_main:
         run.analyze(progress=progress)

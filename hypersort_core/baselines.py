@@ -6,6 +6,7 @@ teach (Test-Dice: the Dice loss of a UNet that never saw the case, rotating K fo
 run's architecture, preprocessing, per-sample loss, optimiser, learning rate and batch size, so
 the hyper-network is the only difference from HyperSORT.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -18,6 +18,7 @@ PyTorch's convolutions by default, and every rate is also a share of the device'
 large copy for bandwidth and a large matmul for arithmetic.  Inputs are ordinary NCDHW tensors, the format
 the UNet hands from one block to the next.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,8 +50,7 @@ from hypersort_core.kernels import (
 )
 from hypersort_core.kernels._dispatch import interpreting, triton_runs
 from hypersort_core.layers import HyperHead
-from hypersort_core.model import HyperSORT, ModelConfig, parameter_count, plain_unet
-from hypersort_core.model import conv_block
+from hypersort_core.model import HyperSORT, ModelConfig, conv_block, parameter_count, plain_unet
 from hypersort_core.reference import ReferenceHyperNetwork, ReferenceTraining
 from hypersort_core.train import Trainer, build_optimizers, train_step
 
@@ -84,9 +84,15 @@ class BenchSettings:
         return {**asdict(self), "device": str(self.device)}
 
 
-def bench_settings(device: str = "auto", size: int | None = None, batches: tuple[int, ...] | None = None,
-                   preset: str | None = None, dtypes: tuple[str, ...] | None = None,
-                   sections: tuple[str, ...] | None = None, quick: bool = False) -> BenchSettings:
+def bench_settings(
+    device: str = "auto",
+    size: int | None = None,
+    batches: tuple[int, ...] | None = None,
+    preset: str | None = None,
+    dtypes: tuple[str, ...] | None = None,
+    sections: tuple[str, ...] | None = None,
+    quick: bool = False,
+) -> BenchSettings:
     """Fill what was not given with the device's defaults: the paper's shapes on CUDA, CPU-sized ones elsewhere."""
     resolved = resolve_device(device)
     cuda = resolved.type == "cuda"
@@ -227,8 +233,15 @@ def unet_layer_shapes(config: ModelConfig, size: int) -> list[LayerShape]:
     counts: dict[LayerShape, int] = {}
 
     def record(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        shape = LayerShape(isinstance(module, nn.ConvTranspose3d), module.in_channels, module.out_channels,
-                           module.kernel_size[0], module.stride[0], module.padding[0], inputs[0].shape[2])
+        shape = LayerShape(
+            isinstance(module, nn.ConvTranspose3d),
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size[0],
+            module.stride[0],
+            module.padding[0],
+            inputs[0].shape[2],
+        )
         counts[shape] = counts.get(shape, 0) + 1
 
     with torch.device("meta"):
@@ -298,7 +311,7 @@ def _run_measurement(row: Row, prepare: Callable[[], Callable[[], object]], devi
     becomes the row's error, shown in the table, so that one bad case does not cost the rest of the run."""
     try:
         row.timing = measure(prepare(), device, repeats)
-    except Exception as error:  # noqa: BLE001 - reported in the row and the table, never hidden
+    except Exception as error:
         message = str(error).strip().splitlines()
         row.error = f"{type(error).__name__}: {message[0] if message else ''}"
         if device.type == "cuda":
@@ -356,8 +369,17 @@ def layer_rows(shape: LayerShape, batch: int, dtype_name: str, device: torch.dev
     for mode in (FORWARD, FORWARD_BACKWARD):
         for variant, fn in _conv_variants(shape).items():
             inputs = [x, *shared] if variant == "dense" else [x, weight, bias]
-            row = Row("layers", shape.name, dtype_name, batch, mode, variant, _work(mode, shape.forward_flops(batch)),
-                      _work(mode, shape.forward_bytes(batch, element_size)), count=shape.count)
+            row = Row(
+                "layers",
+                shape.name,
+                dtype_name,
+                batch,
+                mode,
+                variant,
+                _work(mode, shape.forward_flops(batch)),
+                _work(mode, shape.forward_bytes(batch, element_size)),
+                count=shape.count,
+            )
             prepare = functools.partial(_forward_and_backward, fn, inputs, mode)
             rows.append(_run_measurement(row, prepare, device, repeats))
     return rows
@@ -383,8 +405,9 @@ def head_rows(config: ModelConfig, batch: int, dtype_name: str, device: torch.de
     rows = []
     for mode in (FORWARD, FORWARD_BACKWARD):
         for variant, (fn, inputs) in variants.items():
-            row = Row("head", f"head {hidden}→{params:,}", dtype_name, batch, mode, variant,
-                      _work(mode, 2 * batch * params * hidden), _work(mode, forward_bytes))
+            row = Row(
+                "head", f"head {hidden}→{params:,}", dtype_name, batch, mode, variant, _work(mode, 2 * batch * params * hidden), _work(mode, forward_bytes)
+            )
             rows.append(_run_measurement(row, functools.partial(_under_autocast, autocast, fn, inputs, mode), device, repeats))
     return rows
 
@@ -462,8 +485,9 @@ def block_rows(shape: LayerShape, batch: int, dtype_name: str, device: torch.dev
     x = _random((batch, shape.c_in, *(shape.size,) * 3), dtype, device)
     weight = _random(shape.weight_shape(batch), dtype, device, scale=(shape.c_in * shape.taps) ** -0.5)
     vectors = [_random((batch, channels), dtype, device, scale=0.1) for _ in range(3)]
-    shared = nn.Sequential(nn.Conv3d(shape.c_in, channels, shape.kernel, shape.stride, shape.padding), nn.ReLU(),
-                           nn.InstanceNorm3d(channels, affine=True)).to(device, dtype)
+    shared = nn.Sequential(nn.Conv3d(shape.c_in, channels, shape.kernel, shape.stride, shape.padding), nn.ReLU(), nn.InstanceNorm3d(channels, affine=True)).to(
+        device, dtype
+    )
     names = ("conv.weight", "conv.bias", "norm.weight", "norm.bias")
 
     def ours(x, *tensors):
@@ -473,8 +497,16 @@ def block_rows(shape: LayerShape, batch: int, dtype_name: str, device: torch.dev
     rows = []
     for mode in (FORWARD, FORWARD_BACKWARD):
         for variant, (fn, inputs) in variants.items():
-            row = Row("block", f"block {shape.name}", dtype_name, batch, mode, variant,
-                      _work(mode, shape.forward_flops(batch)), _work(mode, shape.forward_bytes(batch, x.element_size())))
+            row = Row(
+                "block",
+                f"block {shape.name}",
+                dtype_name,
+                batch,
+                mode,
+                variant,
+                _work(mode, shape.forward_flops(batch)),
+                _work(mode, shape.forward_bytes(batch, x.element_size())),
+            )
             rows.append(_run_measurement(row, functools.partial(_forward_and_backward, fn, inputs, mode), device, repeats))
     return rows
 
@@ -581,8 +613,7 @@ def run_benchmark(settings: BenchSettings, out: Path | None = None, progress: Ca
     return report
 
 
-def _section_groups(section: str, settings: BenchSettings, shapes: list[LayerShape], batch: int, dtype_name: str,
-                    repeats: Repeats) -> Iterator[list[Row]]:
+def _section_groups(section: str, settings: BenchSettings, shapes: list[LayerShape], batch: int, dtype_name: str, repeats: Repeats) -> Iterator[list[Row]]:
     """The rows of one section for one dtype and batch, a case at a time."""
     device = settings.device
     if section == "layers":
@@ -635,29 +666,47 @@ def _layer_summary(rows: list[dict]) -> Iterator[dict]:
         counts = [count for count, _ in cases]
         over_grouped, over_dense = (_geometric_mean([t[other] / t["ours"] for _, t in cases], counts) for other in ("grouped", "dense"))
         totals = {v: sum(count * t[v] for count, t in cases) for v in ("ours", "grouped", "dense")}
-        yield {"name": "layers", "dtype": dtype, "batch": batch, "speedup_over_grouped": over_grouped, "speedup_over_dense": over_dense,
-               "layers": sum(counts), "total_s": totals,
-               "text": f"layers {dtype} B={batch} fwd+bwd, speed-up of ours (geometric mean over {sum(counts)} conv layers): "
-                       f"{over_grouped:.2f}× over grouped, {over_dense:.2f}× over dense (below 1: slower than the floor); "
-                       f"summed over the layers: ours {_ms(totals['ours'])}, grouped {_ms(totals['grouped'])}, dense {_ms(totals['dense'])} ms"}
+        yield {
+            "name": "layers",
+            "dtype": dtype,
+            "batch": batch,
+            "speedup_over_grouped": over_grouped,
+            "speedup_over_dense": over_dense,
+            "layers": sum(counts),
+            "total_s": totals,
+            "text": f"layers {dtype} B={batch} fwd+bwd, speed-up of ours (geometric mean over {sum(counts)} conv layers): "
+            f"{over_grouped:.2f}× over grouped, {over_dense:.2f}× over dense (below 1: slower than the floor); "
+            f"summed over the layers: ours {_ms(totals['ours'])}, grouped {_ms(totals['grouped'])}, dense {_ms(totals['dense'])} ms",
+        }
 
 
 def _head_summary(rows: list[dict]) -> Iterator[dict]:
     for row in rows:
         if row["section"] == "head" and row["mode"] == FORWARD_BACKWARD and row["variant"] == "ours" and row["gbps"]:
             share = f", {row['pct_copy']:.0f}% of the copy bandwidth" if row["pct_copy"] else ""
-            yield {"name": "head", "dtype": row["dtype"], "batch": row["batch"], "gbps": row["gbps"], "pct_copy": row["pct_copy"],
-                   "text": f"head {row['dtype']} B={row['batch']} fwd+bwd: {_ms(row['median_s'])} ms, {row['gbps']:.3g} GB/s{share}"}
+            yield {
+                "name": "head",
+                "dtype": row["dtype"],
+                "batch": row["batch"],
+                "gbps": row["gbps"],
+                "pct_copy": row["pct_copy"],
+                "text": f"head {row['dtype']} B={row['batch']} fwd+bwd: {_ms(row['median_s'])} ms, {row['gbps']:.3g} GB/s{share}",
+            }
 
 
 def _step_summary(rows: list[dict]) -> Iterator[dict]:
     for (dtype, batch, case, _), t in _times(rows, "step", STEP).items():
         if {"ours", "reference"} <= t.keys():
             speedup = t["reference"] / t["ours"]
-            yield {"name": "step", "dtype": dtype, "batch": batch, "speedup_over_reference": speedup,
-                   "samples_per_second": {v: batch / t[v] for v in ("ours", "reference")},
-                   "text": f"{case} {dtype} B={batch}: ours {batch / t['ours']:.3g} samples/s, reference formulation "
-                           f"{batch / t['reference']:.3g} samples/s: {speedup:.2f}× faster"}
+            yield {
+                "name": "step",
+                "dtype": dtype,
+                "batch": batch,
+                "speedup_over_reference": speedup,
+                "samples_per_second": {v: batch / t[v] for v in ("ours", "reference")},
+                "text": f"{case} {dtype} B={batch}: ours {batch / t['ours']:.3g} samples/s, reference formulation "
+                f"{batch / t['reference']:.3g} samples/s: {speedup:.2f}× faster",
+            }
 
 
 def _cell(value: float | None, digits: str = ".3g") -> str:
@@ -692,19 +741,45 @@ def _table(rows: list[dict]) -> str:
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["section"], row["case"], row["dtype"], row["batch"], row["mode"]), []).append(row)
-    header = ["section", "case", "dtype", "B", "mode", "ours ms", "p20–p80", "TFLOP/s", "GB/s", "%mm", "%copy", "others ms (speed-up of ours)", "samples/s, peak GiB"]
+    header = [
+        "section",
+        "case",
+        "dtype",
+        "B",
+        "mode",
+        "ours ms",
+        "p20–p80",
+        "TFLOP/s",
+        "GB/s",
+        "%mm",
+        "%copy",
+        "others ms (speed-up of ours)",
+        "samples/s, peak GiB",
+    ]
     lines = [header]
     for (section, case, dtype, batch, mode), group in groups.items():
         ours, others = group[0], group[1:]
         spread = "" if ours["median_s"] is None else f"{_ms(ours['p20_s'])}–{_ms(ours['p80_s'])}"
-        lines.append([
-            section, case, dtype, str(batch), mode,
-            "failed" if ours["median_s"] is None else _ms(ours["median_s"]), spread,
-            _cell(ours["tflops"]), _cell(ours["gbps"]), _cell(ours["pct_matmul"], ".0f"), _cell(ours["pct_copy"], ".0f"),
-            ", ".join(_compared(ours, other) for other in others),
-            "; ".join(_throughput(row) for row in group if row["samples_per_second"]),
-        ])
-    failures = [f"  {row['section']} {row['case']} {row['dtype']} B={row['batch']} {row['mode']} {row['variant']}: {row['error']}" for row in rows if row["error"]]
+        lines.append(
+            [
+                section,
+                case,
+                dtype,
+                str(batch),
+                mode,
+                "failed" if ours["median_s"] is None else _ms(ours["median_s"]),
+                spread,
+                _cell(ours["tflops"]),
+                _cell(ours["gbps"]),
+                _cell(ours["pct_matmul"], ".0f"),
+                _cell(ours["pct_copy"], ".0f"),
+                ", ".join(_compared(ours, other) for other in others),
+                "; ".join(_throughput(row) for row in group if row["samples_per_second"]),
+            ]
+        )
+    failures = [
+        f"  {row['section']} {row['case']} {row['dtype']} B={row['batch']} {row['mode']} {row['variant']}: {row['error']}" for row in rows if row["error"]
+    ]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)
     return text + ("\nfailed measurements:\n" + "\n".join(failures) if failures else "")

@@ -10,6 +10,7 @@ orientation, a hash of the image) are kept, so the cross-case checks cost no sec
 and the case's own findings are cached, keyed by its files as prepared cases are (data/cache.py), so a
 second check of unchanged files reads no volume; `fit` prepares each case in the same read that checks it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -402,10 +403,7 @@ def report_labels_outside_body(fact: CaseFacts, image: np.ndarray, foreground: n
     total = np.count_nonzero(foreground)
     outside = count_in_blocks(foreground, outside_body, strides)
     if outside > OUTSIDE_BODY_FRACTION * total:
-        problem = (
-            f"{outside} of {total} foreground voxels ({outside / total:.0%}) lie outside the body "
-            f"(image intensity below the air level {threshold:g})"
-        )
+        problem = f"{outside} of {total} foreground voxels ({outside / total:.0%}) lie outside the body (image intensity below the air level {threshold:g})"
         fact.add("warning", label_folder(fact.case), problem)
 
 
@@ -450,9 +448,7 @@ def air_reaching_slice_edges(air: np.ndarray, axis: int) -> np.ndarray:
     in_plane = np.zeros((3, 3, 3), dtype=bool)
     in_plane[tuple(1 if a == axis else slice(None) for a in range(3))] = True
     components, count = ndimage.label(air, structure=in_plane)
-    edge_faces = [
-        np.take(components, end, axis=other).ravel() for other in range(3) if other != axis for end in (0, -1)
-    ]
+    edge_faces = [np.take(components, end, axis=other).ravel() for other in range(3) if other != axis for end in (0, -1)]
     reaches_edge = np.zeros(count + 1, dtype=bool)
     reaches_edge[np.concatenate(edge_faces)] = True
     reaches_edge[0] = False  # not air
@@ -512,9 +508,7 @@ def format_report(report: CheckReport) -> str:
     """The per-case table, then the errors and the warnings, each naming case and file."""
     width = max([len("case"), *(len(case.case) for case in report.cases)])
     lines = [f"{'case':<{width}}  status   problems"]
-    lines += [
-        f"{case.case:<{width}}  {case.status:<7}  {'; '.join(case.problems) or '-'}" for case in report.cases
-    ]
+    lines += [f"{case.case:<{width}}  {case.status:<7}  {'; '.join(case.problems) or '-'}" for case in report.cases]
     for title, issues in (("errors", report.errors), ("warnings", report.warnings)):
         if issues:
             lines += ["", f"{title} ({len(issues)}):"]

@@ -6,6 +6,7 @@ and the RNG state.  Written atomically; loaded with `weights_only=True`, so a
 checkpoint can never execute code.  The two newest are kept (checkpoint.pt and
 checkpoint.prev.pt), so a newest one damaged on disk still leaves a run to resume.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -3,6 +3,7 @@
 `config.json` in the run folder is `TrainConfig.to_dict()` plus the package
 version and the case list, so a run can be understood and resumed from disk.
 """
+
 from __future__ import annotations
 
 import math
@@ -73,7 +74,7 @@ class TrainConfig:
     augment: bool = False  # random rotation, zoom and intensity per draw (data/augment.py)
 
     @classmethod
-    def from_preset(cls, preset: str, **overrides) -> "TrainConfig":
+    def from_preset(cls, preset: str, **overrides) -> TrainConfig:
         """The preset's values, then every override that is not None."""
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -100,8 +101,14 @@ class TrainConfig:
             (model.levels >= 1, "--levels must be 1 or more"),
             (model.base_channels >= 1, "--base-channels must be 1 or more"),
             (model.convs_per_level >= 0, "--convs-per-level must be 0 or more"),
-            (all(side % model.size_multiple == 0 for side in roi), f"--roi {tuple(roi)} must be a multiple of {model.size_multiple} on each side for a UNet with {model.levels} levels"),
-            (min(roi) >= smallest_roi, f"--roi {tuple(roi)} is too small for {model.levels} levels: the deepest level needs 2 voxels per side, so at least {smallest_roi}"),
+            (
+                all(side % model.size_multiple == 0 for side in roi),
+                f"--roi {tuple(roi)} must be a multiple of {model.size_multiple} on each side for a UNet with {model.levels} levels",
+            ),
+            (
+                min(roi) >= smallest_roi,
+                f"--roi {tuple(roi)} is too small for {model.levels} levels: the deepest level needs 2 voxels per side, so at least {smallest_roi}",
+            ),
         ]
         for ok, problem in checks:
             if not ok:
@@ -110,7 +117,7 @@ class TrainConfig:
     def augmentation(self) -> Augmentation | None:
         return Augmentation() if self.augment else None
 
-    def with_overrides(self, **overrides) -> "TrainConfig":
+    def with_overrides(self, **overrides) -> TrainConfig:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
     def to_dict(self) -> dict:
@@ -121,7 +128,7 @@ class TrainConfig:
         return values
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
+    def from_dict(cls, values: dict) -> TrainConfig:
         values = dict(values)
         values["model"] = ModelConfig.from_dict(values["model"])
         values["preprocess"] = PreprocessConfig(**_tuples(values["preprocess"]))

@@ -5,6 +5,7 @@ by the UNet of a cluster's centroid, and written in the case's own geometry with
 label values, so that it can stand in for the given label. `changes.csv` says how far each
 pseudo-label moved from the given one.
 """
+
 from __future__ import annotations
 
 import csv

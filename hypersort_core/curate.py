@@ -10,6 +10,7 @@ into place when complete, so a kill leaves either no dataset or a whole one (and
 written atomically). Images are linked (or copied with `copy`); labels are always copied, so that editing
 a curated label can never change the source's. `curation.csv` records for every case what was done.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -121,8 +122,16 @@ def style_probabilities(run: Run, decisions: dict[str, Decision], review: Path) 
     return {style: latent_probabilities(run, latents[style]) for style in wanted}
 
 
-def write_cases(run: Run, dataset: Dataset, selection: LabelSelection, decisions: dict[str, Decision], styles: dict[str, Probabilities],
-                folder: Path, copy: bool, progress: bool) -> list[Curated]:
+def write_cases(
+    run: Run,
+    dataset: Dataset,
+    selection: LabelSelection,
+    decisions: dict[str, Decision],
+    styles: dict[str, Probabilities],
+    folder: Path,
+    copy: bool,
+    progress: bool,
+) -> list[Curated]:
     in_run = set(run.case_ids)
     curated = []
     for case in tqdm(dataset.cases, desc="curating", unit="case", disable=not progress):
@@ -136,8 +145,9 @@ def write_cases(run: Run, dataset: Dataset, selection: LabelSelection, decisions
     return curated
 
 
-def write_case(run: Run, dataset: Dataset, selection: LabelSelection, case: Case, decision: Decision | None,
-               styles: dict[str, Probabilities], folder: Path, copy: bool) -> Curated:
+def write_case(
+    run: Run, dataset: Dataset, selection: LabelSelection, case: Case, decision: Decision | None, styles: dict[str, Probabilities], folder: Path, copy: bool
+) -> Curated:
     """The case's image (linked or copied) and its label (copied, or replaced by the style's prediction)."""
     image_name = output_file_name(case.case_id, f"{NNUNET_CHANNEL_SUFFIX}{ENDING}")  # a name the file system takes
     stem = image_name.removesuffix(f"{NNUNET_CHANNEL_SUFFIX}{ENDING}")
@@ -181,8 +191,11 @@ def class_values(given: np.ndarray, selection: LabelSelection, dataset: Dataset,
     declared = sorted(dataset.label_names.values())
     if len(present) > 1 or len(declared) > 1:
         found = ", ".join(str(value) for value in (present if len(present) > 1 else declared))
-        raise DataError(path, f"holds label values {found}, but the run learned all foreground as one class, so its prediction "
-                              "cannot say which value a voxel takes: train with --label to replace such labels")
+        raise DataError(
+            path,
+            f"holds label values {found}, but the run learned all foreground as one class, so its prediction "
+            "cannot say which value a voxel takes: train with --label to replace such labels",
+        )
     value = int(present[0]) if len(present) else (declared[0] if declared else 1)
     return np.array([0, value], dtype=np.int64)
 
@@ -209,8 +222,7 @@ def write_dataset_json(dataset: Dataset, folder: Path, cases: int) -> None:
     channels = meta.pop("modality", None) or meta.get("channel_names") or DEFAULT_CHANNEL
     meta.pop("training", None), meta.pop("test", None)
     labels = {"background": 0, **dataset.label_names} if dataset.label_names else written_label_names(folder)
-    meta |= {"channel_names": channels, "labels": labels, "numTraining": cases, "file_ending": ENDING,
-             "curated_from": str(dataset.root)}
+    meta |= {"channel_names": channels, "labels": labels, "numTraining": cases, "file_ending": ENDING, "curated_from": str(dataset.root)}
     atomic_write_text(folder / "dataset.json", json.dumps(meta, indent=2) + "\n")
 
 

@@ -6,6 +6,7 @@ replaces the earlier one. Each decision is merged into the file under a lock (on
 and an advisory file lock for other processes) and the file is rewritten atomically, so two browser
 tabs, or two servers on one run, never lose each other's decisions and a kill never leaves half a file.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -1,4 +1,5 @@
 """Where a run computes and in what precision: shared by training, loading a run and the benchmarks."""
+
 from __future__ import annotations
 
 import contextlib

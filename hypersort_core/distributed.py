@@ -5,6 +5,7 @@ training needs.  With one process every operation is a no-op, so the training lo
 path.  torchrun (or `hsort fit --nproc N`, which starts torchrun) sets RANK, LOCAL_RANK, WORLD_SIZE and
 the rendezvous address; `joined()` turns them into a process group: NCCL on CUDA, gloo on the CPU.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -6,6 +6,7 @@ the process's resident memory, sampled.  A step too large for the machine is not
 first (a quarter and half the ROI's side) give the memory a step needs per voxel, and the run is refused
 when the full step would exceed the free memory, before it is taken and before training starts.
 """
+
 from __future__ import annotations
 
 import math

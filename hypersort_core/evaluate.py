@@ -13,6 +13,7 @@ With a test set, each style's UNet (the hyper-network at its cluster's centroid)
 test case on its prepared ROI; the best-of-K Dice and the spread across styles show what the styles
 are worth on unseen data.
 """
+
 from __future__ import annotations
 
 import csv
@@ -62,7 +63,6 @@ class PerturbationSummary:
     auroc_by_kind: dict[str, dict[str, float]]  # score name -> error kind -> AUROC, that kind vs clean
     direction_cosine: float | None  # cosine between (eroded mean - clean mean) and (dilated mean - clean mean); < 0 = opposite sides
     counts: dict[str, int]  # cases per kind, and per other style
-
 
 
 def read_perturbation_rows(path: Path, columns: tuple[str, ...] = ("case", "kind")) -> list[dict[str, str]]:
@@ -248,7 +248,6 @@ def score_metrics(score: np.ndarray, change: np.ndarray, min_change: int) -> dic
 # The styles' UNets on a test set
 
 
-
 def style_dice_on_test_set(run: Run, test: Path, styles: list[Style]) -> dict:
     """Dice of each style's UNet on each test case (prepared as in training), best-of-K and the spread across styles."""
     prepared = run.prepared(test)
@@ -261,14 +260,16 @@ def style_dice_on_test_set(run: Run, test: Path, styles: list[Style]) -> dict:
     return {
         "data": str(test),
         "clusters": [
-            {"cluster": style.cluster, "size": style.size, "latent": style.latent.tolist(),
-             "dice_mean": float(dice[:, k].mean()), "dice_std": float(dice[:, k].std())}
+            {
+                "cluster": style.cluster,
+                "size": style.size,
+                "latent": style.latent.tolist(),
+                "dice_mean": float(dice[:, k].mean()),
+                "dice_std": float(dice[:, k].std()),
+            }
             for k, style in enumerate(styles)
         ],
-        "cases": [
-            {"case": case_id, "dice": row.tolist(), "best_of_k": float(row.max()), "std": float(row.std())}
-            for case_id, row in zip(case_ids, dice)
-        ],
+        "cases": [{"case": case_id, "dice": row.tolist(), "best_of_k": float(row.max()), "std": float(row.std())} for case_id, row in zip(case_ids, dice)],
         "best_of_k_mean": float(dice.max(axis=1).mean()),
         "best_of_k_std": float(dice.max(axis=1).std()),
         "mean_case_std": float(dice.std(axis=1).mean()),
@@ -333,7 +334,11 @@ def format_evaluation(evaluation: dict) -> str:
         lines.append(f"left out, no reference label: {', '.join(evaluation['cases_without_reference'])}")
     test = evaluation["test"]
     if test is not None:
-        lines += ["", f"test set {test['data']} ({len(test['cases'])} cases): Dice of each style's UNet", f"{'cluster':<9}{'size':>6}  {'Dice mean (std)':<18}latent"]
+        lines += [
+            "",
+            f"test set {test['data']} ({len(test['cases'])} cases): Dice of each style's UNet",
+            f"{'cluster':<9}{'size':>6}  {'Dice mean (std)':<18}latent",
+        ]
         for cluster in test["clusters"]:
             latent = ", ".join(f"{value:.3g}" for value in cluster["latent"])
             dice = f"{cluster['dice_mean']:.3f} ({cluster['dice_std']:.3f})"

@@ -6,6 +6,7 @@ safetensors (no code can hide in the file); the file's metadata holds the archit
 `UNet.from_file` rebuilds, and the preprocessing and latent it came from. The same description is
 written beside it as JSON, for people and for tools that do not read safetensors metadata.
 """
+
 from __future__ import annotations
 
 import json

@@ -5,6 +5,7 @@ Foreign code wraps some of them: torch's zip writer turns the OSError of a faile
 all) into `RuntimeError: [enforce fail at inline_container.cc...] unexpected pos`, with the OSError as
 its context.  `os_error_of` finds the OSError behind such a wrapper; `describe_os_error` words it.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -11,6 +11,7 @@ latents are keyed by the data list's case ids, and the run folder gets what `hso
 config.json, checkpoint.pt (epoch 0: `fit --resume` would train on from the imported weights) and
 latents.csv. Both files are read with `torch.load(weights_only=True)`, so they cannot run code.
 """
+
 from __future__ import annotations
 
 import csv
@@ -113,8 +114,10 @@ def check_tensor_shapes(state: dict[str, torch.Tensor], config: ModelConfig, pat
 
 
 def architecture_text(config: ModelConfig) -> str:
-    return (f"{config.levels} levels, {config.convs_per_level} convs per level, {config.base_channels} base channels, "
-            f"{config.in_channels} -> {config.out_channels} channels, latent {config.latent_dim}, hidden {list(config.hidden)}")
+    return (
+        f"{config.levels} levels, {config.convs_per_level} convs per level, {config.base_channels} base channels, "
+        f"{config.in_channels} -> {config.out_channels} channels, latent {config.latent_dim}, hidden {list(config.hidden)}"
+    )
 
 
 def read_latent_dict(path: Path, rows: int, latent_dim: int) -> dict[int, torch.Tensor]:
@@ -184,7 +187,9 @@ def import_reference(
     dataset = read_manifest(Path(data_list).absolute())  # the manifest reader itself keeps the rows' order
     classes = select_labels(dataset, label).num_classes
     if classes != model_config.out_channels:
-        raise ConfigError(f"{weights}: the UNet has {model_config.out_channels} output channels, but the labels chosen ({label or 'all foreground as one'}) make {classes} classes; choose them with --label")
+        raise ConfigError(
+            f"{weights}: the UNet has {model_config.out_channels} output channels, but the labels chosen ({label or 'all foreground as one'}) make {classes} classes; choose them with --label"
+        )
     config = import_config(model_config, preprocess, label)
     latents = read_latent_dict(Path(latent_dict), len(dataset.cases), model_config.latent_dim)
     dropped = [f"{case.case_id} (row {row})" for row, case in enumerate(dataset.cases) if row not in latents]

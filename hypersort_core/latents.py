@@ -4,6 +4,7 @@ The two scores are the paper's (Section 4.2): `norm`, the L2 norm of a case's
 latent (the main style sits at 0 because of the L1 penalty), and `mean_dist`,
 its mean Euclidean distance to the other cases' latents (isolation).
 """
+
 from __future__ import annotations
 
 import csv

@@ -3,6 +3,7 @@
 Their forward takes the per-sample weights as arguments, because in a
 hyper-network the weights are activations, not parameters of the module.
 """
+
 from __future__ import annotations
 
 import torch

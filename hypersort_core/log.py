@@ -1,4 +1,5 @@
 """log.csv and progress.png: one row per finished epoch, and their curves."""
+
 from __future__ import annotations
 
 import csv

@@ -3,6 +3,7 @@
 The L1 term is what makes the main annotation style sit at lambda = 0, so that
 odd labels are the ones far from the origin.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -5,6 +5,7 @@ fit is fitted through its own latent, away from 0; so the λ = 0 UNet has in eff
 main style's cases, unlike a plain UNet trained on every case, which learns the wrong labels too.
 `hsort analyze` ranks the cases by this loss (analysis.RANKED_BY) and `hsort evaluate` judges it.
 """
+
 from __future__ import annotations
 
 import numpy as np

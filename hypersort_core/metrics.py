@@ -1,4 +1,5 @@
 """How close two segmentations are: shared by the analysis, the evaluation and the corrections."""
+
 from __future__ import annotations
 
 import numpy as np

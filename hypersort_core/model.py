@@ -5,6 +5,7 @@ theta; the UNet forward in which every batch element has its own theta; the
 hyper-network; and the model that ties the latent table, hyper-network and UNet
 together.  Loss and training live in `loss.py` and `train.py`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -45,7 +46,7 @@ class ModelConfig:
         return {**asdict(self), "hidden": list(self.hidden)}
 
     @classmethod
-    def from_dict(cls, values: dict) -> "ModelConfig":
+    def from_dict(cls, values: dict) -> ModelConfig:
         return cls(**{**values, "hidden": tuple(values["hidden"])})
 
 

@@ -8,6 +8,7 @@ the argmax. Every window is segmented by the UNet of one latent. Each voxel of t
 then takes the class at its own centre on the prepared grid (nearest neighbour through the two
 affines), which undoes padding, resampling and reorientation.
 """
+
 from __future__ import annotations
 
 import functools
@@ -29,16 +30,15 @@ from hypersort_core.atomic import atomic_open
 from hypersort_core.data import DataError, PreprocessConfig
 from hypersort_core.data.cache import output_file_name
 from hypersort_core.data.layouts import NIFTI_ENDINGS, files_ending, nifti_case_id
-from hypersort_core.data.preprocess import preprocess
-from hypersort_core.data.preprocess import resampled_shape
+from hypersort_core.data.preprocess import preprocess, resampled_shape
 from hypersort_core.data.volumes import (
     LabelledVolume,
     check_affine,
     check_memory,
-    voxel_sizes,
     open_nifti,
     read_finite_image,
     spatial_shape,
+    voxel_sizes,
 )
 from hypersort_core.run import Run
 
@@ -193,12 +193,12 @@ def sliding_window_classes(image: np.ndarray, roi: tuple[int, ...], probabilitie
 def to_original_grid(classes: np.ndarray, affine: np.ndarray, shape: tuple[int, ...], original_affine: np.ndarray) -> np.ndarray:
     """The class of each original voxel: the prepared voxel nearest to its centre (through both affines)."""
     original_to_prepared = np.linalg.inv(affine) @ original_affine
-    return ndimage.affine_transform(
-        classes, original_to_prepared[:3, :3], original_to_prepared[:3, 3], output_shape=tuple(shape), order=0, mode="nearest"
-    )
+    return ndimage.affine_transform(classes, original_to_prepared[:3, :3], original_to_prepared[:3, 3], output_shape=tuple(shape), order=0, mode="nearest")
 
 
-def segment_prepared(prepared: LabelledVolume, probabilities: Probabilities, roi: tuple[int, ...], shape: tuple[int, ...], original_affine: np.ndarray) -> np.ndarray:
+def segment_prepared(
+    prepared: LabelledVolume, probabilities: Probabilities, roi: tuple[int, ...], shape: tuple[int, ...], original_affine: np.ndarray
+) -> np.ndarray:
     """Class map (uint8) of a prepared image, on the original grid of the given shape and affine."""
     classes = sliding_window_classes(prepared.image, roi, probabilities)
     return to_original_grid(classes, prepared.affine, shape, original_affine)

@@ -17,6 +17,7 @@ The state_dict of `ReferenceHyperNetwork` has the reference's keys (`hypernetwor
 `heads.conv_init;weight.weight`, ...); a checkpoint saved by the public code holds one more,
 `model.dummy_param`, a placeholder without any role in the computation.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -99,8 +100,9 @@ class ReferenceTraining:
     configuration, 0.7/0.9 in the reference); latents start N(0, latent_init_std) as there.
     """
 
-    def __init__(self, config: ModelConfig, cases: int, lr: float, latent_lr: float, latent_betas: tuple[float, float],
-                 l1_weight: float, device: torch.device) -> None:
+    def __init__(
+        self, config: ModelConfig, cases: int, lr: float, latent_lr: float, latent_betas: tuple[float, float], l1_weight: float, device: torch.device
+    ) -> None:
         with device:
             self.model = ReferenceHyperNetwork(config)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr)
@@ -108,8 +110,9 @@ class ReferenceTraining:
         self.latent_optimizers = [torch.optim.Adam([latent], lr=latent_lr, betas=latent_betas) for latent in self.latents]
         self.l1_weight = l1_weight
 
-    def step(self, images: torch.Tensor, labels: torch.Tensor, indices: list[int],
-             autocast: contextlib.AbstractContextManager = contextlib.nullcontext()) -> None:
+    def step(
+        self, images: torch.Tensor, labels: torch.Tensor, indices: list[int], autocast: contextlib.AbstractContextManager = contextlib.nullcontext()
+    ) -> None:
         """Train on each case of the batch in turn, as the reference's batch-1 loop would."""
         for image, label, index in zip(images, labels, indices):
             latent, latent_optimizer = self.latents[index], self.latent_optimizers[index]

@@ -11,6 +11,7 @@ the page's JS puts them into the DOM with textContent only.
 A page opened with `#case=ID` (URL-encoded) shows that case as if its point had been clicked; the
 gallery links to the map this way, and the browser test uses it.
 """
+
 from __future__ import annotations
 
 import base64
@@ -113,8 +114,13 @@ def case_view(image: np.ndarray, label: np.ndarray, prediction: np.ndarray, spac
     grey = np.clip((np.asarray(image, dtype=np.float32)[sampled] - low) / max(high - low, 1e-6) * 255, 0, 255).astype(np.uint8)
     masks = (foregrounds[0][sampled] | (foregrounds[1][sampled] << 1)).astype(np.uint8)
     packed = (base64.b64encode(zlib.compress(np.ascontiguousarray(array).tobytes(), 6)).decode("ascii") for array in (grey, masks))
-    return {"shape": list(grey.shape), "spacing": [float(size * step) for size in spacing], "names": [drawable(name) for name in plane_names],
-            "image": next(packed), "masks": next(packed)}
+    return {
+        "shape": list(grey.shape),
+        "spacing": [float(size * step) for size in spacing],
+        "names": [drawable(name) for name in plane_names],
+        "image": next(packed),
+        "masks": next(packed),
+    }
 
 
 def image_slice(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
@@ -142,18 +148,26 @@ def plot_cluster_map(analysis: Analysis, path: Path) -> None:
     axis = figure.subplots()
     for cluster, size in enumerate(clustering.sizes):
         members = clustering.members == cluster
-        axis.scatter(xy[members, 0], xy[members, 1], s=24, color=cluster_colour(cluster), edgecolors="k", linewidths=0.3, label=f"{analysis.style(cluster)} ({size})")
+        axis.scatter(
+            xy[members, 0], xy[members, 1], s=24, color=cluster_colour(cluster), edgecolors="k", linewidths=0.3, label=f"{analysis.style(cluster)} ({size})"
+        )
     axis.scatter([0], [0], marker="+", color="red", s=120, label="λ = 0")
     for i in analysis.ranking[:LABELLED_OUTLIERS]:
         axis.annotate(drawable(analysis.case_ids[i]), xy[i], fontsize=7, xytext=(3, 3), textcoords="offset points", parse_math=False)
     axis.margins(0.18)  # room for the case names at the edges
-    axis.set(xlabel="z0", ylabel="z1" if analysis.latents.shape[1] > 1 else "", aspect="equal", title=f"latent map: {len(clustering.centroids)} clusters ({clustering.method})")
+    axis.set(
+        xlabel="z0",
+        ylabel="z1" if analysis.latents.shape[1] > 1 else "",
+        aspect="equal",
+        title=f"latent map: {len(clustering.centroids)} clusters ({clustering.method})",
+    )
     axis.legend(loc="best", fontsize=8)
     atomic_savefig(path, figure)
 
 
 # ---------------------------------------------------------------------------------------------
 # `hsort analyze`: the analysis, then its files
+
 
 def analyze_run(
     run_dir: Path | str,
@@ -172,8 +186,9 @@ def analyze_run(
     return analyze_loaded_run(run, clusters, method, gallery, progress, pictures)
 
 
-def analyze_loaded_run(run: Run, clusters: int | None = None, method: str = "gmm", gallery: int = GALLERY, progress: bool = True,
-                       pictures: int = PICTURES, out: Path | None = None) -> Analysis:
+def analyze_loaded_run(
+    run: Run, clusters: int | None = None, method: str = "gmm", gallery: int = GALLERY, progress: bool = True, pictures: int = PICTURES, out: Path | None = None
+) -> Analysis:
     """`analyze_run` on a run already loaded; its files go to `out` (default: the run folder)."""
     prepared = prepared_training_cases(run, progress)
     analysis = analyze(run, prepared, clusters, method, gallery, progress)
@@ -188,8 +203,9 @@ def analyze_loaded_run(run: Run, clusters: int | None = None, method: str = "gmm
     return analysis
 
 
-def draw_cases(run: Run, prepared: dict[str, PreparedCase], indices: np.ndarray, progress: bool = False,
-               viewed: set[int] = frozenset()) -> tuple[list[bytes], dict[int, dict]]:
+def draw_cases(
+    run: Run, prepared: dict[str, PreparedCase], indices: np.ndarray, progress: bool = False, viewed: set[int] = frozenset()
+) -> tuple[list[bytes], dict[int, dict]]:
     """A PNG per case (indices) of slices with the given label's and the λ = 0 prediction's contours; for the
     `viewed` cases also the volumes report.html's slice viewer scrolls through."""
     plane_names = ("axial", "coronal", "sagittal") if run.config.preprocess.reorient else ("x–y", "x–z", "y–z")
@@ -268,12 +284,19 @@ def format_summary(analysis: Analysis, cases: int = PRINTED_CASES) -> str:
     clustering, columns = analysis.clustering, analysis.columns
     tried = ", ".join(f"{k}: {bic:.1f}" for k, bic in clustering.bic.items())
     how = f"fixed by --clusters (BIC {tried})" if len(clustering.bic) == 1 else f"chosen by BIC ({tried})"
-    lines = [f"{len(clustering.centroids)} clusters ({clustering.method}), {how}", f"  {'style':<9}{'size':>5}  {'centroid':<20}" + "".join(f"{name:>14}" for name in columns)]
+    lines = [
+        f"{len(clustering.centroids)} clusters ({clustering.method}), {how}",
+        f"  {'style':<9}{'size':>5}  {'centroid':<20}" + "".join(f"{name:>14}" for name in columns),
+    ]
     for cluster, (size, centroid) in enumerate(zip(clustering.sizes, clustering.centroids)):
         members = clustering.members == cluster
         centre = "(" + ", ".join(f"{value:.3g}" for value in centroid) + ")"
         lines.append(f"  {analysis.style(cluster):<9}{size:>5}  {centre:<20}" + "".join(f"{values[members].mean():>14.4g}" for values in columns.values()))
-    lines += ["", f"most suspicious cases (by {DESCRIPTIONS[analysis.ranked_by]}; all {len(analysis.case_ids)} in {RANKING_NAME}):", f"  {'rank':>4}  {'case':<24}{'style':<9}" + "".join(f"{name:>14}" for name in columns)]
+    lines += [
+        "",
+        f"most suspicious cases (by {DESCRIPTIONS[analysis.ranked_by]}; all {len(analysis.case_ids)} in {RANKING_NAME}):",
+        f"  {'rank':>4}  {'case':<24}{'style':<9}" + "".join(f"{name:>14}" for name in columns),
+    ]
     for rank, i in enumerate(analysis.ranking[:cases], start=1):
         style = analysis.style(int(clustering.members[i]))
         lines.append(f"  {rank:>4}  {analysis.case_ids[i]:<24}{style:<9}" + "".join(f"{values[i]:>14.4g}" for values in columns.values()))

@@ -12,6 +12,7 @@ style's prediction are read (and segmented, as `hsort predict` does) when the pa
 its slices, kept for a few cases, and sent one slice at a time, downsampled to at most 256 voxels a side.
 Slices are shown in RAS orientation (axial, coronal, sagittal) with the voxel sizes kept.
 """
+
 from __future__ import annotations
 
 import base64
@@ -95,9 +96,15 @@ class ReviewSession:
             "decisionNames": DECISIONS,
             "reviewer": self.reviewer,
             "cases": [
-                {"id": row["case"], "cluster": int(row["cluster"]), "label": row.get("label", ""), "xy": xy[row["case"]],
-                 "scores": {name: float(row[name]) for name in columns}}
-                for row in self.rows if row["case"] in self.cases
+                {
+                    "id": row["case"],
+                    "cluster": int(row["cluster"]),
+                    "label": row.get("label", ""),
+                    "xy": xy[row["case"]],
+                    "scores": {name: float(row[name]) for name in columns},
+                }
+                for row in self.rows
+                if row["case"] in self.cases
             ],
             "decisions": self.decisions(),
         }
@@ -211,7 +218,13 @@ class ReviewHandler(BaseHTTPRequestHandler):
         query = {key: values[-1] for key, values in parse_qs(url.query).items()}
         if not self.trusted(query.get("token")):
             return
-        routes = {"/": self.send_page, "/api/cases": self.send_cases, "/api/decisions": self.send_decisions, "/api/case": self.send_case, "/api/slice": self.send_slice}
+        routes = {
+            "/": self.send_page,
+            "/api/cases": self.send_cases,
+            "/api/decisions": self.send_decisions,
+            "/api/case": self.send_case,
+            "/api/slice": self.send_slice,
+        }
         route = routes.get(url.path)
         if route is None:
             return self.refuse(HTTPStatus.NOT_FOUND, "no such page")

@@ -2,6 +2,7 @@
 
 Everything after `hsort fit` — analysis, prediction, export, evaluation — starts here.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,5 +1,6 @@
 """The run folder on disk: the names of its files and its config.json, shared by every command that
 writes or reads one (`fit` writes it, `analyze`, `predict`, `export`, `evaluate` and the API read it)."""
+
 from __future__ import annotations
 
 import json

@@ -27,6 +27,7 @@ and its wheel ships `cuobjdump`, so the machine code an H100 would run can be re
 The bound leaves out memory latency, caches, bank conflicts, launch overheads and the tail of the last wave; a
 GPU can only be slower than it.  The device figures (`DEVICES`) are the vendors' datasheet peaks.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -79,12 +80,37 @@ class Device:
 
 
 DEVICES = {
-    "H100": Device("H100 SXM5 80GB", 90, 132, 1.98, 989.4, 494.7, 3.35, 227, 65536, 2048, 32,
-                   "NVIDIA H100 Tensor Core GPU datasheet (SXM5); Hopper tuning guide (228 KB shared per SM, 227 per block)"),
-    "H200": Device("H200 SXM 141GB", 90, 132, 1.98, 989.4, 494.7, 4.8, 227, 65536, 2048, 32,
-                   "NVIDIA H200 Tensor Core GPU datasheet (SXM); same GH100 SMs as the H100"),
-    "A100": Device("A100 SXM4 80GB", 80, 108, 1.41, 312.0, 156.0, 2.039, 163, 65536, 2048, 32,
-                   "NVIDIA A100 Tensor Core GPU datasheet (SXM4 80GB); Ampere tuning guide (164 KB shared per SM)"),
+    "H100": Device(
+        "H100 SXM5 80GB",
+        90,
+        132,
+        1.98,
+        989.4,
+        494.7,
+        3.35,
+        227,
+        65536,
+        2048,
+        32,
+        "NVIDIA H100 Tensor Core GPU datasheet (SXM5); Hopper tuning guide (228 KB shared per SM, 227 per block)",
+    ),
+    "H200": Device(
+        "H200 SXM 141GB", 90, 132, 1.98, 989.4, 494.7, 4.8, 227, 65536, 2048, 32, "NVIDIA H200 Tensor Core GPU datasheet (SXM); same GH100 SMs as the H100"
+    ),
+    "A100": Device(
+        "A100 SXM4 80GB",
+        80,
+        108,
+        1.41,
+        312.0,
+        156.0,
+        2.039,
+        163,
+        65536,
+        2048,
+        32,
+        "NVIDIA A100 Tensor Core GPU datasheet (SXM4 80GB); Ampere tuning guide (164 KB shared per SM)",
+    ),
 }
 DEFAULT_DEVICES = {90: ("H100", "H200"), 80: ("A100",)}
 
@@ -129,9 +155,20 @@ def unet_layers(config: ModelConfig, size: int) -> list[Layer]:
 
     def recorder(name: str):
         def record(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            layers.append(Layer(name, isinstance(module, nn.ConvTranspose3d), module.in_channels, module.out_channels,
-                                module.kernel_size[0], module.stride[0], module.padding[0], inputs[0].shape[2],
-                                needs_input_grad=bool(layers)))
+            layers.append(
+                Layer(
+                    name,
+                    isinstance(module, nn.ConvTranspose3d),
+                    module.in_channels,
+                    module.out_channels,
+                    module.kernel_size[0],
+                    module.stride[0],
+                    module.padding[0],
+                    inputs[0].shape[2],
+                    needs_input_grad=bool(layers),
+                )
+            )
+
         return record
 
     with torch.device("meta"):
@@ -177,6 +214,7 @@ def _recording(modules, launches: list[Launch], labels: dict) -> Iterator[None]:
         def run(*args, grid, warmup, **kwargs):
             grid = tuple(grid) + (1,) * (3 - len(grid))
             launches.append(Launch(labels["layer"], labels["role"], kernel, grid, args, kwargs))
+
         return run
 
     for kernel in kernels:
@@ -214,8 +252,9 @@ def capture_training_step(config: ModelConfig, size: int, batch: int, dtype: str
         first = len(launches)
         labels.update(layer=layer, role=role)
         call()
-        shape = next(({k: v for k, v in asdict(l).items() if k not in ("name", "needs_input_grad")}
-                      for l in layers if l.name == layer), None)
+        shape = next(
+            ({k: v for k, v in asdict(candidate).items() if k not in ("name", "needs_input_grad")} for candidate in layers if candidate.name == layer), None
+        )
         for launch in launches[first:]:
             launch.flops, launch.bytes, launch.shape = flops, traffic, shape
 
@@ -223,8 +262,7 @@ def capture_training_step(config: ModelConfig, size: int, batch: int, dtype: str
     h, w_head, b_head = meta(batch, hidden, dtype=torch.float32), meta(params, hidden, dtype=torch.float32), meta(params, dtype=torch.float32)
     head_bytes = 4 * params * hidden + batch * params * element
     with _recording((conv, head), launches, labels):
-        run("head", "forward", lambda: head.hyper_head_forward(h, w_head, b_head, config.head_scale, torch_dtype),
-            2 * batch * params * hidden, head_bytes)
+        run("head", "forward", lambda: head.hyper_head_forward(h, w_head, b_head, config.head_scale, torch_dtype), 2 * batch * params * hidden, head_bytes)
         for layer in layers:
             x, weight, bias = _layer_tensors(layer, batch, activation, meta)
             launcher = conv.per_sample_conv_transpose3d_forward if layer.transposed else conv.per_sample_conv3d_forward
@@ -236,13 +274,28 @@ def capture_training_step(config: ModelConfig, size: int, batch: int, dtype: str
             backward = conv.per_sample_conv_transpose3d_backward if layer.transposed else conv.per_sample_conv3d_backward
             geometry = ((layer.stride,) * 3, (layer.padding,) * 3)
             if layer.needs_input_grad:
-                run(layer.name, "input-grad", lambda: backward(grad_y, x, weight, *geometry, (True, False, False)),
-                    layer.flops(batch), _traffic(layer, batch, element, "input-grad"))
-            run(layer.name, "weight-grad", lambda: backward(grad_y, x, weight, *geometry, (False, True, True)),
-                layer.flops(batch), _traffic(layer, batch, element, "weight-grad"))
+                run(
+                    layer.name,
+                    "input-grad",
+                    lambda: backward(grad_y, x, weight, *geometry, (True, False, False)),
+                    layer.flops(batch),
+                    _traffic(layer, batch, element, "input-grad"),
+                )
+            run(
+                layer.name,
+                "weight-grad",
+                lambda: backward(grad_y, x, weight, *geometry, (False, True, True)),
+                layer.flops(batch),
+                _traffic(layer, batch, element, "weight-grad"),
+            )
         y32 = meta(batch, params, dtype=torch.float32)
-        run("head", "backward", lambda: head.hyper_head_backward(meta(batch, params), y32, h, w_head, b_head, config.head_scale),
-            4 * batch * params * hidden, 8 * params * hidden + 4 * batch * params + batch * params * element)
+        run(
+            "head",
+            "backward",
+            lambda: head.hyper_head_backward(meta(batch, params), y32, h, w_head, b_head, config.head_scale),
+            4 * batch * params * hidden,
+            8 * params * hidden + 4 * batch * params + batch * params * element,
+        )
     return launches
 
 
@@ -322,8 +375,15 @@ def _compile(launch: Launch, specialisation: tuple, target, workdir: Path) -> Co
     cubin.write_bytes(compiled.asm["cubin"])
     usage = _resource_usage(cubin)
     sass = subprocess.run([_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True, check=True).stdout
-    return Compiled(usage["REG"], int(spills.group(1)) if spills else usage.get("LOCAL", 0), usage.get("STACK", 0),
-                    compiled.metadata.shared, compiled.metadata.num_warps, sass, seconds)
+    return Compiled(
+        usage["REG"],
+        int(spills.group(1)) if spills else usage.get("LOCAL", 0),
+        usage.get("STACK", 0),
+        compiled.metadata.shared,
+        compiled.metadata.num_warps,
+        sass,
+        seconds,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,12 +392,57 @@ def _compile(launch: Launch, specialisation: tuple, target, workdir: Path) -> Co
 
 INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 TENSOR = ("HGMMA", "HMMA", "IMMA")
-INTEGER = ("IMAD", "IADD", "IADD3", "LEA", "LOP", "LOP3", "SHF", "SHL", "SHR", "IMNMX", "IABS", "POPC", "FLO", "BREV",
-           "PRMT", "BMSK", "SGXT", "IDP", "IMUL", "BFE", "BFI", "VIADD", "VIMNMX", "IMNMX")
+INTEGER = (
+    "IMAD",
+    "IADD",
+    "IADD3",
+    "LEA",
+    "LOP",
+    "LOP3",
+    "SHF",
+    "SHL",
+    "SHR",
+    "IMNMX",
+    "IABS",
+    "POPC",
+    "FLO",
+    "BREV",
+    "PRMT",
+    "BMSK",
+    "SGXT",
+    "IDP",
+    "IMUL",
+    "BFE",
+    "BFI",
+    "VIADD",
+    "VIMNMX",
+    "IMNMX",
+)
 COMPARE_SELECT = ("ISETP", "FSETP", "HSETP2", "DSETP", "SEL", "FSEL", "PLOP3", "P2R", "R2P", "CSET", "CSETP", "VOTE")
 CONVERSION = ("F2F", "F2I", "I2F", "I2FP", "F2FP", "FRND", "I2I")
-MEMORY = ("LDG", "STG", "LDS", "STS", "LDSM", "STSM", "LDGSTS", "LDGDEPBAR", "LD", "ST", "RED", "ATOM", "ATOMS",
-          "UBLKCP", "UTMALDG", "UTMASTG", "SYNCS", "LDC", "ULDC", "LDL", "STL")
+MEMORY = (
+    "LDG",
+    "STG",
+    "LDS",
+    "STS",
+    "LDSM",
+    "STSM",
+    "LDGSTS",
+    "LDGDEPBAR",
+    "LD",
+    "ST",
+    "RED",
+    "ATOM",
+    "ATOMS",
+    "UBLKCP",
+    "UTMALDG",
+    "UTMASTG",
+    "SYNCS",
+    "LDC",
+    "ULDC",
+    "LDL",
+    "STL",
+)
 CATEGORIES = ("tensor", "memory", "integer", "compare_select", "conversion", "other")
 
 
@@ -345,8 +450,7 @@ def _category(opcode: str) -> str:
     base = opcode.split(".")[0]
     if base.startswith("U") and base not in ("UBLKCP", "UTMALDG", "UTMASTG"):
         base = base[1:]  # the uniform datapath issues like the vector one
-    for name, members in (("tensor", TENSOR), ("memory", MEMORY), ("integer", INTEGER),
-                          ("compare_select", COMPARE_SELECT), ("conversion", CONVERSION)):
+    for name, members in (("tensor", TENSOR), ("memory", MEMORY), ("integer", INTEGER), ("compare_select", COMPARE_SELECT), ("conversion", CONVERSION)):
         if base in members:
             return name
     return "other"
@@ -401,11 +505,11 @@ def _cdiv(a: int, b: int) -> int:
 
 TRIP_COUNTS: dict[str, Callable[[dict], int]] = {
     "_per_sample_conv3d_forward_kernel":  # one trip per chunk of a (kd, kh)'s run of taps along w
-        lambda a: a["KD"] * a["KH"] * _cdiv(a["KW"] * a["C_IN"], a["BLOCK_K"]),
+    lambda a: a["KD"] * a["KH"] * _cdiv(a["KW"] * a["C_IN"], a["BLOCK_K"]),
     "_per_sample_conv_transpose3d_forward_kernel":  # the same over the live taps of a phase
-        lambda a: _cdiv(a["KD"], a["SD"]) * _cdiv(a["KH"], a["SH"]) * _cdiv(_cdiv(a["KW"], a["SW"]) * a["C_IN"], a["BLOCK_K"]),
+    lambda a: _cdiv(a["KD"], a["SD"]) * _cdiv(a["KH"], a["SH"]) * _cdiv(_cdiv(a["KW"], a["SW"]) * a["C_IN"], a["BLOCK_K"]),
     "_per_sample_conv3d_weight_grad_kernel":  # the line tiles of g's grid, shared out over the splits
-        lambda a: a["D_G"] * a["H_G"] * _cdiv(a["W_G"], a["BLOCK_M"]) / a["SPLITS"],
+    lambda a: a["D_G"] * a["H_G"] * _cdiv(a["W_G"], a["BLOCK_M"]) / a["SPLITS"],
     "_hyper_head_forward_kernel": lambda a: a["B"],
     "_hyper_head_backward_kernel": lambda a: a["B"],
 }
@@ -450,19 +554,33 @@ def launch_row(launch: Launch, compiled: Compiled, loop: LoopProfile, device: De
     blocks = resident_blocks(compiled, device)
     constexprs = _bound_arguments(launch)
     return {
-        "layer": launch.layer, "role": launch.role, "shape": launch.shape, "kernel": launch.kernel_name, "grid": list(launch.grid),
+        "layer": launch.layer,
+        "role": launch.role,
+        "shape": launch.shape,
+        "kernel": launch.kernel_name,
+        "grid": list(launch.grid),
         "programs": launch.programs,
         "blocks": {k: constexprs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_P", "BLOCK_H", "BLOCK_C") if k in constexprs},
-        "num_warps": compiled.num_warps, "registers": compiled.registers, "spill_bytes": compiled.spill_bytes,
+        "num_warps": compiled.num_warps,
+        "registers": compiled.registers,
+        "spill_bytes": compiled.spill_bytes,
         "stack_bytes": compiled.stack_bytes,
-        "shared_bytes": compiled.shared_bytes, "tensor_instruction": loop.tensor_instruction,
-        "tensor_per_iteration": loop.categories["tensor"], "loop_instructions": loop.instructions,
+        "shared_bytes": compiled.shared_bytes,
+        "tensor_instruction": loop.tensor_instruction,
+        "tensor_per_iteration": loop.categories["tensor"],
+        "loop_instructions": loop.instructions,
         "loop_categories": loop.categories,
         "loop_index_instructions": loop.categories["integer"] + loop.categories["compare_select"] + loop.categories["conversion"],
-        "trip_count": trips, "prologue_instructions": loop.prologue,
-        "resident_blocks_per_sm": blocks, "waves": launch.programs / (blocks * device.multiprocessors) if blocks else None,
-        "flops": launch.flops, "bytes": launch.bytes,
-        "issue_bound_s": issue_s, "floor_compute_s": compute_s, "floor_memory_s": memory_s, "floor_s": max(compute_s, memory_s),
+        "trip_count": trips,
+        "prologue_instructions": loop.prologue,
+        "resident_blocks_per_sm": blocks,
+        "waves": launch.programs / (blocks * device.multiprocessors) if blocks else None,
+        "flops": launch.flops,
+        "bytes": launch.bytes,
+        "issue_bound_s": issue_s,
+        "floor_compute_s": compute_s,
+        "floor_memory_s": memory_s,
+        "floor_s": max(compute_s, memory_s),
     }
 
 
@@ -484,9 +602,15 @@ class StaticSettings:
         return PRESETS[self.preset]["model"]
 
 
-def static_settings(arch: str = "sm_90", preset: str | None = None, size: int | None = None,
-                    batches: tuple[int, ...] | None = None, dtypes: tuple[str, ...] | None = None,
-                    layers: tuple[str, ...] | None = None, timing_options: dict | None = None) -> StaticSettings:
+def static_settings(
+    arch: str = "sm_90",
+    preset: str | None = None,
+    size: int | None = None,
+    batches: tuple[int, ...] | None = None,
+    dtypes: tuple[str, ...] | None = None,
+    layers: tuple[str, ...] | None = None,
+    timing_options: dict | None = None,
+) -> StaticSettings:
     """The paper's shapes unless told otherwise, checked; `timing_options` are `hsort bench`'s own, which a static
     run cannot honour (a device, --quick, --only): any of them given is an error, not silently ignored."""
     given = [f"--{name}" for name, value in (timing_options or {}).items() if value not in (None, False, "auto")]
@@ -494,8 +618,9 @@ def static_settings(arch: str = "sm_90", preset: str | None = None, size: int | 
         raise ConfigError(f"--static compiles without running anything; {', '.join(given)} applies to timed runs only")
     if batches is not None and len(batches) != 1:
         raise ConfigError(f"--static bounds one batch size at a time, got --batch {','.join(map(str, batches))}")
-    settings = StaticSettings(arch, preset or "paper", size or 168, batches[0] if batches else 2,
-                              tuple(dtypes or ("bfloat16", "float32")), tuple(layers) if layers else None)
+    settings = StaticSettings(
+        arch, preset or "paper", size or 168, batches[0] if batches else 2, tuple(dtypes or ("bfloat16", "float32")), tuple(layers) if layers else None
+    )
     if settings.arch not in ARCHES:
         raise ConfigError(f"unknown --arch {settings.arch!r}; choose one of {', '.join(ARCHES)}")
     if settings.preset not in PRESETS:
@@ -532,8 +657,7 @@ def _environment_variable(name: str, value: str) -> Iterator[None]:
 @contextlib.contextmanager
 def _fresh_triton_cache() -> Iterator[Path]:
     """A Triton cache of its own, so that compile times are those of a first run and nothing is reused."""
-    with tempfile.TemporaryDirectory(prefix="hsort-static-") as directory, \
-            _environment_variable("TRITON_CACHE_DIR", str(Path(directory) / "cache")):
+    with tempfile.TemporaryDirectory(prefix="hsort-static-") as directory, _environment_variable("TRITON_CACHE_DIR", str(Path(directory) / "cache")):
         yield Path(directory)
 
 
@@ -549,14 +673,23 @@ def run_static(settings: StaticSettings, out: Path | None = None, progress: Call
     say = progress or (lambda line: None)
     arch = ARCHES[settings.arch]
     devices = [DEVICES[name] for name in DEFAULT_DEVICES[arch]]
-    report = {"environment": _environment(), "settings": asdict(settings), "devices": {d.name: asdict(d) for d in devices},
-              "model": ("issue-bound time = programs x warps x (trip count x loop instructions + prologue) / "
-                        f"(SMs x {ISSUE_PER_CLOCK} x boost clock); floor = max(useful FLOPs / peak, least bytes / bandwidth)"),
-              "dtypes": {}}
+    report = {
+        "environment": _environment(),
+        "settings": asdict(settings),
+        "devices": {d.name: asdict(d) for d in devices},
+        "model": (
+            "issue-bound time = programs x warps x (trip count x loop instructions + prologue) / "
+            f"(SMs x {ISSUE_PER_CLOCK} x boost clock); floor = max(useful FLOPs / peak, least bytes / bandwidth)"
+        ),
+        "dtypes": {},
+    }
     with _fresh_triton_cache() as workdir:
         for dtype in settings.dtypes:
-            launches = [launch for launch in capture_training_step(settings.model, settings.size, settings.batch, dtype)
-                        if settings.layers is None or launch.layer in settings.layers]
+            launches = [
+                launch
+                for launch in capture_training_step(settings.model, settings.size, settings.batch, dtype)
+                if settings.layers is None or launch.layer in settings.layers
+            ]
             compiled: dict[str, Compiled] = {}
             keys = []
             for launch in launches:
@@ -566,7 +699,8 @@ def run_static(settings: StaticSettings, out: Path | None = None, progress: Call
                     say(f"[static {dtype}] compiled {launch.kernel_name} for {launch.layer} {launch.role} in {figures.seconds:.1f} s")
             profiles = {key: profile_sass(c.sass) for key, c in compiled.items()}
             report["dtypes"][dtype] = {
-                "launches": len(launches), "kernels_compiled": len(compiled),
+                "launches": len(launches),
+                "kernels_compiled": len(compiled),
                 "compile_seconds": sum(c.seconds for c in compiled.values()),
                 "devices": {d.name: _device_report(launches, keys, compiled, profiles, d, dtype) for d in devices},
             }
@@ -590,8 +724,9 @@ def _compile_once(launch: Launch, arch: int, workdir: Path, compiled: dict[str, 
     return key, compiled[key]
 
 
-def _device_report(launches: list[Launch], keys: list[str], compiled: dict[str, Compiled], profiles: dict[str, LoopProfile],
-                   device: Device, dtype: str) -> dict:
+def _device_report(
+    launches: list[Launch], keys: list[str], compiled: dict[str, Compiled], profiles: dict[str, LoopProfile], device: Device, dtype: str
+) -> dict:
     rows = [launch_row(launch, compiled[key], profiles[key], device, dtype) for launch, key in zip(launches, keys)]
     unet = [row for row in rows if row["layer"] != "head"]
     totals = {
@@ -616,40 +751,72 @@ def _us(seconds: float) -> str:
 def format_static_report(report: dict, out: Path | None = None) -> str:
     """One table per dtype (figures of the first device; the others' totals below it)."""
     settings, env = report["settings"], report["environment"]
-    lines = [f"hsort bench --static | {settings['arch']} | triton {env['triton']} | preset {settings['preset']}, "
-             f"ROI {settings['size']}³, batch {settings['batch']}", f"model: {report['model']}"]
+    lines = [
+        f"hsort bench --static | {settings['arch']} | triton {env['triton']} | preset {settings['preset']}, ROI {settings['size']}³, batch {settings['batch']}",
+        f"model: {report['model']}",
+    ]
     for dtype, result in report["dtypes"].items():
         first, *others = result["devices"].items()
         name, figures = first
-        lines += ["", f"{dtype} ({'TF32 dots' if dtype == 'float32' else 'bf16 dots'}), figures for the {name}:",
-                  _static_table(figures["rows"])]
+        lines += ["", f"{dtype} ({'TF32 dots' if dtype == 'float32' else 'bf16 dots'}), figures for the {name}:", _static_table(figures["rows"])]
         for device_name, device_figures in result["devices"].items():
             t = device_figures["totals"]
             ratio = "" if t["unet_ratio"] is None else f" ({t['unet_ratio']:.2f}x)"
-            lines.append(f"{device_name}: UNet fwd+bwd issue-bound >= {t['unet_issue_bound_s'] * 1e3:.2f} ms, roofline floor "
-                         f"{t['unet_floor_s'] * 1e3:.2f} ms{ratio}; all launches shown "
-                         f"{t['step_issue_bound_s'] * 1e3:.2f} ms against {t['step_floor_s'] * 1e3:.2f} ms; "
-                         f"largest spill {t['spill_bytes']} B")
-        lines.append(f"compile: {result['kernels_compiled']} kernels for {result['launches']} launches in "
-                     f"{result['compile_seconds']:.1f} s (a first run: an empty Triton cache)")
+            lines.append(
+                f"{device_name}: UNet fwd+bwd issue-bound >= {t['unet_issue_bound_s'] * 1e3:.2f} ms, roofline floor "
+                f"{t['unet_floor_s'] * 1e3:.2f} ms{ratio}; all launches shown "
+                f"{t['step_issue_bound_s'] * 1e3:.2f} ms against {t['step_floor_s'] * 1e3:.2f} ms; "
+                f"largest spill {t['spill_bytes']} B"
+            )
+        lines.append(
+            f"compile: {result['kernels_compiled']} kernels for {result['launches']} launches in "
+            f"{result['compile_seconds']:.1f} s (a first run: an empty Triton cache)"
+        )
     if out is not None:
         lines.append(f"every launch: {out}")
     return "\n".join(lines)
 
 
 def _static_table(rows: list[dict]) -> str:
-    header = ["layer", "role", "kernel", "grid", "blocks", "warps", "regs", "spill", "smem KB", "tensor/iter",
-              "loop (index)", "trips", "blk/SM", "waves", "bound µs", "floor µs"]
+    header = [
+        "layer",
+        "role",
+        "kernel",
+        "grid",
+        "blocks",
+        "warps",
+        "regs",
+        "spill",
+        "smem KB",
+        "tensor/iter",
+        "loop (index)",
+        "trips",
+        "blk/SM",
+        "waves",
+        "bound µs",
+        "floor µs",
+    ]
     lines = [header]
     for row in rows:
-        lines.append([
-            row["layer"], row["role"], row["kernel"].strip("_").replace("per_sample_", "").replace("_kernel", ""),
-            "×".join(map(str, row["grid"])), "/".join(map(str, row["blocks"].values())), str(row["num_warps"]),
-            str(row["registers"]), str(row["spill_bytes"]), f"{row['shared_bytes'] / 1024:.0f}",
-            f"{row['tensor_per_iteration']} {row['tensor_instruction']}" if row["tensor_per_iteration"] else "none",
-            f"{row['loop_instructions']} ({row['loop_index_instructions']})", f"{row['trip_count']:.4g}",
-            str(row["resident_blocks_per_sm"]), "" if row["waves"] is None else f"{row['waves']:.1f}",
-            _us(row["issue_bound_s"]), _us(row["floor_s"]),
-        ])
+        lines.append(
+            [
+                row["layer"],
+                row["role"],
+                row["kernel"].strip("_").replace("per_sample_", "").replace("_kernel", ""),
+                "×".join(map(str, row["grid"])),
+                "/".join(map(str, row["blocks"].values())),
+                str(row["num_warps"]),
+                str(row["registers"]),
+                str(row["spill_bytes"]),
+                f"{row['shared_bytes'] / 1024:.0f}",
+                f"{row['tensor_per_iteration']} {row['tensor_instruction']}" if row["tensor_per_iteration"] else "none",
+                f"{row['loop_instructions']} ({row['loop_index_instructions']})",
+                f"{row['trip_count']:.4g}",
+                str(row["resident_blocks_per_sm"]),
+                "" if row["waves"] is None else f"{row['waves']:.1f}",
+                _us(row["issue_bound_s"]),
+                _us(row["floor_s"]),
+            ]
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)

@@ -5,6 +5,7 @@ A cluster's style is the centroid of that cluster's latents in `clusters.csv` (w
 `hsort analyze`); a case's style is that case's own latent; any point of the map can be given
 as coordinates.
 """
+
 from __future__ import annotations
 
 import csv
@@ -94,6 +95,7 @@ def cluster_latent(run: Run, cluster: int) -> NamedLatent:
 def cluster_name(cluster: int) -> str:
     """The name of a cluster's outputs, e.g. the folder cluster_2/ of `hsort predict --all-clusters`."""
     return f"cluster_{cluster}"
+
 
 def read_clusters_csv(path: Path) -> list[Style]:
     """The clusters `hsort analyze` found: columns cluster, size and the centroid z0..z{d-1}."""

@@ -14,6 +14,7 @@ Read top to bottom: `fit` prepares the data and the model, `train` runs the epoc
 `train_epoch` the steps of one, `train_step` one optimizer step; the helpers for
 what can stop or disturb training, and for the run folder, come last.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -196,8 +197,10 @@ def _seed_this_process(payload: dict | None, state: TrainingState, config: Train
 def _continue_with_other_process_count(state: TrainingState, config: TrainConfig, world: World) -> None:
     """A run may resume with more or fewer processes; its position is counted in cases, so only the batch changes."""
     if world.is_main:
-        _warn(f"the run was trained by {state.processes} processes and continues with {world.size}: the effective batch changes "
-              f"from {config.batch_size * state.processes} to {config.batch_size * world.size}")
+        _warn(
+            f"the run was trained by {state.processes} processes and continues with {world.size}: the effective batch changes "
+            f"from {config.batch_size * state.processes} to {config.batch_size * world.size}"
+        )
     state.processes = world.size
 
 
@@ -224,8 +227,15 @@ class Trainer:
         self.autocast = autocast_for(self.config.precision, self.device)
 
 
-def train(trainer: Trainer, state: TrainingState, training_set: TrainingSet, run_dir: Path, progress: bool, stop: _StopFlag,
-          prepare_again: Callable[[int], str | None] | None = None) -> str | None:
+def train(
+    trainer: Trainer,
+    state: TrainingState,
+    training_set: TrainingSet,
+    run_dir: Path,
+    progress: bool,
+    stop: _StopFlag,
+    prepare_again: Callable[[int], str | None] | None = None,
+) -> str | None:
     """Train epoch after epoch until the last; returns why it stopped before (INTERRUPTED, TIME_BUDGET), or None.
 
     prepare_again(index): prepares a case whose cache entry is found damaged again (None when that worked, else the problem)."""
@@ -242,16 +252,30 @@ def train(trainer: Trainer, state: TrainingState, training_set: TrainingSet, run
     return None
 
 
-def train_epoch(trainer: Trainer, state: TrainingState, training_set: TrainingSet, writer: _RunFolderWriter, unreadable: _UnreadableCases,
-                stop: _StopFlag, clock: _Clock, progress: bool) -> str | None:
+def train_epoch(
+    trainer: Trainer,
+    state: TrainingState,
+    training_set: TrainingSet,
+    writer: _RunFolderWriter,
+    unreadable: _UnreadableCases,
+    stop: _StopFlag,
+    clock: _Clock,
+    progress: bool,
+) -> str | None:
     """The rest of the current epoch (all of it unless resumed mid-epoch), then its log row, outputs and checkpoint."""
     config, world = trainer.config, trainer.world
     if not state.epoch_order:
         _start_epoch(state, len(training_set), config.seed)
     global_batches = _global_batches(state, config.batch_size * world.size)
     total = state.step_in_epoch + len(global_batches)
-    bar = tqdm(_epoch_loader(trainer, state, training_set, global_batches), total=total, initial=state.step_in_epoch,
-               desc=f"epoch {state.epoch + 1}/{config.epochs}", disable=not progress, leave=False)
+    bar = tqdm(
+        _epoch_loader(trainer, state, training_set, global_batches),
+        total=total,
+        initial=state.step_in_epoch,
+        desc=f"epoch {state.epoch + 1}/{config.epochs}",
+        disable=not progress,
+        leave=False,
+    )
     with contextlib.closing(bar):
         for batch, global_batch in zip(bar, global_batches):
             step = train_step(trainer, batch, global_batch, (stop.requested, clock.over_budget()))
@@ -316,7 +340,9 @@ def _finish_epoch(model: HyperSORT, state: TrainingState, steps: int, seconds: f
     state.log_rows.append(row)
     state.epoch_order = []
     if progress:
-        tqdm.write(f"epoch {state.epoch}: loss {row['loss']:.4f} (ce {row['cross_entropy']:.4f}, dice {row['dice']:.4f}) mean |λ| {row['latent_norm']:.4f}  {seconds:.0f}s")
+        tqdm.write(
+            f"epoch {state.epoch}: loss {row['loss']:.4f} (ce {row['cross_entropy']:.4f}, dice {row['dice']:.4f}) mean |λ| {row['latent_norm']:.4f}  {seconds:.0f}s"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,8 +473,10 @@ class _StopFlag:
                 _say(f"hsort: {name} ignored: still finishing the step and saving the checkpoint; it is on disk before hsort exits")
                 return
             self.requested, self.signum = True, signum
-            _say(f"hsort: {name}: stopping after this step and saving a checkpoint (continue later with --resume); "
-                 "further Ctrl-C or SIGTERM are ignored until it is saved")
+            _say(
+                f"hsort: {name}: stopping after this step and saving a checkpoint (continue later with --resume); "
+                "further Ctrl-C or SIGTERM are ignored until it is saved"
+            )
 
         for number in self.SIGNALS:
             signal.signal(number, request)

@@ -5,6 +5,7 @@ Module names follow the public HyperSORT reference implementation, so its
 That order is the layout of the flat parameter vector theta the hyper-network
 predicts (see `model.py`), and this module is what an exported style becomes.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,7 +43,7 @@ class UNet(nn.Module):
         self.conv_final = nn.Conv3d(width[0], out_channels, 3, 1, 1)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> "UNet":
+    def from_file(cls, path: str | os.PathLike) -> UNet:
         """The UNet `hsort export` wrote: safetensors weights, with its architecture in the file's metadata."""
         from safetensors import (
             safe_open,  # imported here: the model itself needs no file format
@@ -53,7 +54,7 @@ class UNet(nn.Module):
             if ARCHITECTURE_KEY not in metadata:
                 raise ValueError(f"{path}: no {ARCHITECTURE_KEY!r} in the file's metadata; not a UNet written by hsort export")
             unet = cls(**json.loads(metadata[ARCHITECTURE_KEY]))
-            unet.load_state_dict({name: handle.get_tensor(name) for name in handle.keys()})
+            unet.load_state_dict({name: handle.get_tensor(name) for name in handle.keys()})  # noqa: SIM118 (a safetensors handle is not iterable)
         return unet.eval()
 
     def _add(self, tag: str, block: list[nn.Module]) -> None:

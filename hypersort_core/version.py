@@ -1,4 +1,5 @@
 """The installed version, written into every run folder's config.json."""
+
 from importlib.metadata import PackageNotFoundError, version
 
 try:

@@ -11,6 +11,7 @@ Triton itself is imported only when a kernel first runs (the op modules import t
 modules lazily): `triton.jit` and Triton's own library decide between compiling and interpreting when
 they are imported, so TRITON_INTERPRET must be set by then, and a test may set it in a fixture.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -91,4 +92,3 @@ def autocast_inputs(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None,
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(None if t is None else t.to(dtype) for t in tensors)
-

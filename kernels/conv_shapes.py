@@ -1,5 +1,6 @@
 """Output sizes of the per-sample convolutions: shared by the PyTorch reference, the Triton kernels and
 `hsort bench --static`, so that none of them imports another for a size."""
+
 from __future__ import annotations
 
 Triple = tuple[int, int, int]

@@ -4,6 +4,7 @@ W is [P, hidden] with P in the millions, so the head is a memory-bound pass over
 public op and its pure-PyTorch reference, which is also the CPU path; the fused Triton kernels live in
 `hyper_head_triton.py`, imported only when they run (see `_dispatch`).
 """
+
 from __future__ import annotations
 
 import torch

@@ -11,6 +11,7 @@ over the block's rows, written to a [programs, B, hidden] buffer and summed afte
 Memory traffic per step, B samples, P parameters, hidden H (fp32): forward reads W (4PH bytes) and
 writes y (4BP); backward reads W, y and dy and writes dW (4PH + 8BP + 4PH): the floor for the op.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,10 +23,25 @@ NUM_WARPS = 4
 
 @triton.jit
 def _hyper_head_forward_kernel(
-    h_ptr, w_ptr, bias_ptr, y_ptr, y32_ptr,
-    B, P, HIDDEN, scale,
-    stride_hb, stride_hk, stride_wp, stride_wk, stride_bias, stride_yb, stride_yp,
-    STORE_Y32: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr,
+    h_ptr,
+    w_ptr,
+    bias_ptr,
+    y_ptr,
+    y32_ptr,
+    B,
+    P,
+    HIDDEN,
+    scale,
+    stride_hb,
+    stride_hk,
+    stride_wp,
+    stride_wk,
+    stride_bias,
+    stride_yb,
+    stride_yp,
+    STORE_Y32: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     """y[b, p] = scale * tanh(sum_k h[b, k] w[p, k] + bias[p]) for one block of P and every b.
 
@@ -36,8 +52,7 @@ def _hyper_head_forward_kernel(
     row_ok = rows < P
     ks = tl.arange(0, BLOCK_H)
     k_ok = ks < HIDDEN
-    w = tl.load(w_ptr + rows[:, None] * stride_wp + (ks * stride_wk)[None, :],
-                mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + rows[:, None] * stride_wp + (ks * stride_wk)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
     bias = tl.load(bias_ptr + rows * stride_bias, mask=row_ok, other=0.0).to(tl.float32)
     for b in range(B):
         h = tl.load(h_ptr + b * stride_hb + ks * stride_hk, mask=k_ok, other=0.0).to(tl.float32)
@@ -53,11 +68,30 @@ def _hyper_head_forward_kernel(
 
 @triton.jit
 def _hyper_head_backward_kernel(
-    h_ptr, w_ptr, y_ptr, dy_ptr, dw_ptr, dbias_ptr, partial_dh_ptr,
-    B, P, HIDDEN, scale,
-    stride_hb, stride_hk, stride_wp, stride_wk, stride_yb, stride_yp, stride_dyb, stride_dyp,
-    stride_dwp, stride_dwk, stride_dbias,
-    BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr,
+    h_ptr,
+    w_ptr,
+    y_ptr,
+    dy_ptr,
+    dw_ptr,
+    dbias_ptr,
+    partial_dh_ptr,
+    B,
+    P,
+    HIDDEN,
+    scale,
+    stride_hb,
+    stride_hk,
+    stride_wp,
+    stride_wk,
+    stride_yb,
+    stride_yp,
+    stride_dyb,
+    stride_dyp,
+    stride_dwp,
+    stride_dwk,
+    stride_dbias,
+    BLOCK_P: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     """With g = dy * scale * (1 - (y / scale)^2) = dL/dz: dW = g^T h and db = sum_b g for this block of P,
     and this block's share g @ W of dh, written to partial_dh[program, b, :] and summed afterwards."""
@@ -78,8 +112,7 @@ def _hyper_head_backward_kernel(
         dw += g[:, None] * h[None, :]
         dbias += g
         tl.store(partial_dh_ptr + (pid * B + b) * BLOCK_H + ks, tl.sum(g[:, None] * w, axis=0), mask=k_ok)
-    tl.store(dw_ptr + rows[:, None] * stride_dwp + (ks * stride_dwk)[None, :], dw.to(dw_ptr.dtype.element_ty),
-             mask=tile_ok)
+    tl.store(dw_ptr + rows[:, None] * stride_dwp + (ks * stride_dwk)[None, :], dw.to(dw_ptr.dtype.element_ty), mask=tile_ok)
     tl.store(dbias_ptr + rows * stride_dbias, dbias.to(dbias_ptr.dtype.element_ty), mask=row_ok)
 
 
@@ -89,8 +122,7 @@ def _blocks(hidden: int) -> tuple[int, int]:
     return max(16, 8192 // block_h), block_h
 
 
-def hyper_head_forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: float,
-                       out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def hyper_head_forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """y = scale * tanh(h @ weight.T + bias) for h [B, hidden], weight [P, hidden], bias [P], and y in
     float32 for the backward (y itself when it is float32)."""
     batch, hidden = h.shape
@@ -99,15 +131,28 @@ def hyper_head_forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     y32 = y if y.dtype == torch.float32 else torch.empty((batch, params), device=y.device, dtype=torch.float32)
     block_p, block_h = _blocks(hidden)
     _hyper_head_forward_kernel[(triton.cdiv(params, block_p),)](
-        h, weight, bias, y, y32, batch, params, hidden, scale,
-        *h.stride(), *weight.stride(), *bias.stride(), *y.stride(),
-        STORE_Y32=y32 is not y, BLOCK_P=block_p, BLOCK_H=block_h, num_warps=NUM_WARPS,
+        h,
+        weight,
+        bias,
+        y,
+        y32,
+        batch,
+        params,
+        hidden,
+        scale,
+        *h.stride(),
+        *weight.stride(),
+        *bias.stride(),
+        *y.stride(),
+        STORE_Y32=y32 is not y,
+        BLOCK_P=block_p,
+        BLOCK_H=block_h,
+        num_warps=NUM_WARPS,
     )
     return y, y32
 
 
-def hyper_head_backward(grad_y: torch.Tensor, y32: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
-                        bias: torch.Tensor, scale: float):
+def hyper_head_backward(grad_y: torch.Tensor, y32: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: float):
     """(dh, dW, db) in one pass over W, from the forward's float32 output y32."""
     batch, hidden = h.shape
     params = weight.shape[0]
@@ -117,9 +162,26 @@ def hyper_head_backward(grad_y: torch.Tensor, y32: torch.Tensor, h: torch.Tensor
     grad_bias = torch.empty_like(bias)
     partial_dh = torch.empty((programs, batch, block_h), device=h.device, dtype=torch.float32)
     _hyper_head_backward_kernel[(programs,)](
-        h, weight, y32, grad_y, grad_w, grad_bias, partial_dh, batch, params, hidden, scale,
-        *h.stride(), *weight.stride(), *y32.stride(), *grad_y.stride(), *grad_w.stride(), *grad_bias.stride(),
-        BLOCK_P=block_p, BLOCK_H=block_h, num_warps=NUM_WARPS,
+        h,
+        weight,
+        y32,
+        grad_y,
+        grad_w,
+        grad_bias,
+        partial_dh,
+        batch,
+        params,
+        hidden,
+        scale,
+        *h.stride(),
+        *weight.stride(),
+        *y32.stride(),
+        *grad_y.stride(),
+        *grad_w.stride(),
+        *grad_bias.stride(),
+        BLOCK_P=block_p,
+        BLOCK_H=block_h,
+        num_warps=NUM_WARPS,
     )
     grad_h = partial_dh.sum(dim=0)[:, :hidden].to(h.dtype)
     return grad_h, grad_w, grad_bias

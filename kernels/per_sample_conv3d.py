@@ -7,6 +7,7 @@ batch into channel groups (`groups = B`), which is exactly what `torch.func.vmap
 convolution to.  Weights use PyTorch's own layouts per sample: Conv3d `[Cout, Cin, kd, kh, kw]`,
 ConvTranspose3d `[Cin, Cout, kd, kh, kw]`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -68,8 +69,6 @@ def per_sample_conv_transpose3d_reference(
 
 def _triple(value: IntOr3) -> Triple:
     return (value,) * 3 if isinstance(value, int) else tuple(value)
-
-
 
 
 def _unsupported(tensors: tuple[torch.Tensor | None, ...], stride: Triple, padding: Triple, out_size: Triple) -> str | None:

@@ -20,6 +20,7 @@ once (one read and one write of the activation, about half the memory floor of a
 outputs come back as [B, C, D, H, W] views of channels-last memory, so chained convs pay no copies as long
 as the ops between them keep that memory format.
 """
+
 from __future__ import annotations
 
 import torch
@@ -57,9 +58,29 @@ def _dot(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _accumulate_run(acc, x_base, w_slab, row_offsets, ok, w0, W, stride_w, first_tap, k0, k_live, cols, col_ok,
-                    TAPS: tl.constexpr, TAP_STEP: tl.constexpr, KW: tl.constexpr, C_IN: tl.constexpr,
-                    C_OUT: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _accumulate_run(
+    acc,
+    x_base,
+    w_slab,
+    row_offsets,
+    ok,
+    w0,
+    W,
+    stride_w,
+    first_tap,
+    k0,
+    k_live,
+    cols,
+    col_ok,
+    TAPS: tl.constexpr,
+    TAP_STEP: tl.constexpr,
+    KW: tl.constexpr,
+    C_IN: tl.constexpr,
+    C_OUT: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """acc + columns k0 .. k0 + BLOCK_K of one run of taps along w, for every row, times their rows of the
     weight slab w_slab ([KW, C_IN, C_OUT], the taps of one (kd, kh)).
 
@@ -75,16 +96,15 @@ def _accumulate_run(acc, x_base, w_slab, row_offsets, ok, w0, W, stride_w, first
     tap = first_tap + TAP_STEP * g
     k_ok = (ks < k_live) & (ks < TAPS * C_IN) & (tap >= 0) & (tap < KW)
     w = w0[:, None] + g[None, :]
-    a = tl.load(x_base + row_offsets[:, None] + (g * stride_w + c)[None, :],
-                mask=ok[:, None] & k_ok[None, :] & (w >= 0) & (w < W), other=0.0)
-    wt = tl.load(w_slab + (tap * C_IN + c)[:, None] * C_OUT + cols[None, :], mask=k_ok[:, None] & col_ok[None, :],
-                 other=0.0)
+    a = tl.load(x_base + row_offsets[:, None] + (g * stride_w + c)[None, :], mask=ok[:, None] & k_ok[None, :] & (w >= 0) & (w < W), other=0.0)
+    wt = tl.load(w_slab + (tap * C_IN + c)[:, None] * C_OUT + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
     return _dot(a, wt, acc, INPUT_PRECISION, UPCAST)
 
 
 @triton.jit
-def _store_output_tile(acc, bias_ptr, y_ptr, pid_b, od, oh, ow, cols, row_ok, col_ok,
-                       stride_bb, stride_yb, stride_yd, stride_yh, stride_yw, HAS_BIAS: tl.constexpr):
+def _store_output_tile(
+    acc, bias_ptr, y_ptr, pid_b, od, oh, ow, cols, row_ok, col_ok, stride_bb, stride_yb, stride_yd, stride_yh, stride_yw, HAS_BIAS: tl.constexpr
+):
     """The forward kernels' epilogue: add the sample's bias to the fp32 tile and store it in y's dtype."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + pid_b * stride_bb + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -94,18 +114,43 @@ def _store_output_tile(acc, bias_ptr, y_ptr, pid_b, od, oh, ow, cols, row_ok, co
 
 @triton.jit
 def _per_sample_conv3d_forward_kernel(
-    x_ptr, w_ptr, bias_ptr, y_ptr,
-    D_IN: tl.constexpr, H_IN: tl.constexpr, W_IN: tl.constexpr,
-    D_OUT: tl.constexpr, H_OUT: tl.constexpr, W_OUT: tl.constexpr,
-    stride_xb, stride_xd, stride_xh, stride_xw,
-    stride_wb, stride_bb,
-    stride_yb, stride_yd, stride_yh, stride_yw,
-    C_IN: tl.constexpr, C_OUT: tl.constexpr,
-    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    y_ptr,
+    D_IN: tl.constexpr,
+    H_IN: tl.constexpr,
+    W_IN: tl.constexpr,
+    D_OUT: tl.constexpr,
+    H_OUT: tl.constexpr,
+    W_OUT: tl.constexpr,
+    stride_xb,
+    stride_xd,
+    stride_xh,
+    stride_xw,
+    stride_wb,
+    stride_bb,
+    stride_yb,
+    stride_yd,
+    stride_yh,
+    stride_yw,
+    C_IN: tl.constexpr,
+    C_OUT: tl.constexpr,
+    KD: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    SD: tl.constexpr,
+    SH: tl.constexpr,
+    SW: tl.constexpr,
+    PD: tl.constexpr,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """y[b, m, n] = sum over taps t and channels c of x[b, m * s - p + t, c] * w[b, t, c, n] + bias[b, n], w the
     tap-major [B, kd, kh, kw, Cin, Cout] weight; one loop trip per (kd, kh)."""
@@ -131,28 +176,72 @@ def _per_sample_conv3d_forward_kernel(
         d = in_d + kd
         h = in_h + kh
         ok = row_ok & (d >= 0) & (d < D_IN) & (h >= 0) & (h < H_IN)
-        acc = _accumulate_run(acc, x_base, w_base + slab * (KW * C_IN * C_OUT), d * stride_xd + h * stride_xh + in_w * stride_xw,
-                              ok, in_w, W_IN, stride_xw, 0, (step % CHUNKS) * BLOCK_K, KW * C_IN, cols, col_ok,
-                              KW, 1, KW, C_IN, C_OUT, BLOCK_K, INPUT_PRECISION, UPCAST)
+        acc = _accumulate_run(
+            acc,
+            x_base,
+            w_base + slab * (KW * C_IN * C_OUT),
+            d * stride_xd + h * stride_xh + in_w * stride_xw,
+            ok,
+            in_w,
+            W_IN,
+            stride_xw,
+            0,
+            (step % CHUNKS) * BLOCK_K,
+            KW * C_IN,
+            cols,
+            col_ok,
+            KW,
+            1,
+            KW,
+            C_IN,
+            C_OUT,
+            BLOCK_K,
+            INPUT_PRECISION,
+            UPCAST,
+        )
 
-    _store_output_tile(acc, bias_ptr, y_ptr, pid_b, od, oh, ow, cols, row_ok, col_ok,
-                       stride_bb, stride_yb, stride_yd, stride_yh, stride_yw, HAS_BIAS)
+    _store_output_tile(acc, bias_ptr, y_ptr, pid_b, od, oh, ow, cols, row_ok, col_ok, stride_bb, stride_yb, stride_yd, stride_yh, stride_yw, HAS_BIAS)
 
 
 @triton.jit
 def _per_sample_conv_transpose3d_forward_kernel(
-    x_ptr, w_ptr, bias_ptr, y_ptr,
-    D_IN: tl.constexpr, H_IN: tl.constexpr, W_IN: tl.constexpr,
-    D_OUT: tl.constexpr, H_OUT: tl.constexpr, W_OUT: tl.constexpr,
-    stride_xb, stride_xd, stride_xh, stride_xw,
-    stride_wb, stride_bb,
-    stride_yb, stride_yd, stride_yh, stride_yw,
-    C_IN: tl.constexpr, C_OUT: tl.constexpr,
-    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    y_ptr,
+    D_IN: tl.constexpr,
+    H_IN: tl.constexpr,
+    W_IN: tl.constexpr,
+    D_OUT: tl.constexpr,
+    H_OUT: tl.constexpr,
+    W_OUT: tl.constexpr,
+    stride_xb,
+    stride_xd,
+    stride_xh,
+    stride_xw,
+    stride_wb,
+    stride_bb,
+    stride_yb,
+    stride_yd,
+    stride_yh,
+    stride_yw,
+    C_IN: tl.constexpr,
+    C_OUT: tl.constexpr,
+    KD: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    SD: tl.constexpr,
+    SH: tl.constexpr,
+    SW: tl.constexpr,
+    PD: tl.constexpr,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """y[b, i, n] = sum over taps t and input voxels o with i = o * s - p + t of x[b, o, c] * w[b, t, c, n].
 
@@ -208,27 +297,65 @@ def _per_sample_conv_transpose3d_forward_kernel(
         h = base_h - jh
         ok = row_ok & (d >= 0) & (d < D_IN) & (h >= 0) & (h < H_IN)
         k_live = tl.where((td < KD) & (th < KH), TW * C_IN, 0)  # 0: this phase lacks the slab
-        acc = _accumulate_run(acc, x_base, w_base + (td * KH + th) * (KW * C_IN * C_OUT),
-                              d * stride_xd + h * stride_xh + w0 * stride_xw, ok, w0, W_IN, stride_xw, first_tap,
-                              (step % CHUNKS) * BLOCK_K, k_live,
-                              cols, col_ok, TW, -SW, KW, C_IN, C_OUT, BLOCK_K, INPUT_PRECISION, UPCAST)
+        acc = _accumulate_run(
+            acc,
+            x_base,
+            w_base + (td * KH + th) * (KW * C_IN * C_OUT),
+            d * stride_xd + h * stride_xh + w0 * stride_xw,
+            ok,
+            w0,
+            W_IN,
+            stride_xw,
+            first_tap,
+            (step % CHUNKS) * BLOCK_K,
+            k_live,
+            cols,
+            col_ok,
+            TW,
+            -SW,
+            KW,
+            C_IN,
+            C_OUT,
+            BLOCK_K,
+            INPUT_PRECISION,
+            UPCAST,
+        )
 
-    _store_output_tile(acc, bias_ptr, y_ptr, pid_b, od, oh, ow, cols, row_ok, col_ok,
-                       stride_bb, stride_yb, stride_yd, stride_yh, stride_yw, HAS_BIAS)
+    _store_output_tile(acc, bias_ptr, y_ptr, pid_b, od, oh, ow, cols, row_ok, col_ok, stride_bb, stride_yb, stride_yd, stride_yh, stride_yw, HAS_BIAS)
 
 
 @triton.jit
 def _per_sample_conv3d_weight_grad_kernel(
-    g_ptr, x_ptr, partial_w_ptr, partial_b_ptr,
-    TILES_PER_SPLIT, SPLITS,
-    D_G: tl.constexpr, H_G: tl.constexpr, W_G: tl.constexpr,
-    D_X: tl.constexpr, H_X: tl.constexpr, W_X: tl.constexpr,
-    C_G: tl.constexpr, C_X: tl.constexpr,
-    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-    FLAT: tl.constexpr, SUM_ROWS: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    g_ptr,
+    x_ptr,
+    partial_w_ptr,
+    partial_b_ptr,
+    TILES_PER_SPLIT,
+    SPLITS,
+    D_G: tl.constexpr,
+    H_G: tl.constexpr,
+    W_G: tl.constexpr,
+    D_X: tl.constexpr,
+    H_X: tl.constexpr,
+    W_X: tl.constexpr,
+    C_G: tl.constexpr,
+    C_X: tl.constexpr,
+    KD: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    SD: tl.constexpr,
+    SH: tl.constexpr,
+    SW: tl.constexpr,
+    PD: tl.constexpr,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    FLAT: tl.constexpr,
+    SUM_ROWS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """partial_w[b, split, k, n] = sum over this split's voxels m of im2col(x[b])[m, k] * g[b, m, n].
 
@@ -281,15 +408,13 @@ def _per_sample_conv3d_weight_grad_kernel(
         od = line // H_G
         oh = line % H_G
         row_ok = r < W_G - w_start
-        g = tl.load(g_base + (line * W_G + w_start) * C_G + (r * C_G)[:, None] + ns[None, :],
-                    mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+        g = tl.load(g_base + (line * W_G + w_start) * C_G + (r * C_G)[:, None] + ns[None, :], mask=row_ok[:, None] & n_ok[None, :], other=0.0)
         d = od * SD - PD + col_d
         h = oh * SH - PH + col_h
         col_ok = k_ok & (d >= 0) & (d < D_X) & (h >= 0) & (h < H_X)
         w = (w_start * SW - PW + r * SW)[:, None] + col_w[None, :]
         x_line = x_base + ((od * SD - PD) * H_X + (oh * SH - PH)) * (W_X * C_X) + (w_start * SW - PW) * C_X
-        a = tl.load(x_line + (r * (SW * C_X))[:, None] + col_offsets[None, :],
-                    mask=(row_ok[:, None] & col_ok[None, :]) & (w >= 0) & (w < W_X), other=0.0)
+        a = tl.load(x_line + (r * (SW * C_X))[:, None] + col_offsets[None, :], mask=(row_ok[:, None] & col_ok[None, :]) & (w >= 0) & (w < W_X), other=0.0)
         acc = _dot(tl.trans(a), g, acc, INPUT_PRECISION, UPCAST)
         if SUM_ROWS:
             g_sum += g.to(tl.float32)
@@ -297,7 +422,7 @@ def _per_sample_conv3d_weight_grad_kernel(
     partial_base = pid_b * SPLITS + split
     w_offsets = (partial_base * (SLABS * RUN_K) + slab * RUN_K + ks)[:, None] * C_G + ns[None, :]
     tl.store(partial_w_ptr + w_offsets, acc, mask=k_ok[:, None] & n_ok[None, :])
-    if SUM_ROWS:
+    if SUM_ROWS:  # noqa: SIM102 (a constexpr branch, compiled out; the inner test runs on the GPU)
         if slab + chunk == 0:
             tl.store(partial_b_ptr + partial_base * C_G + ns, tl.sum(g_sum, axis=0), mask=n_ok)
 
@@ -353,25 +478,48 @@ def _bias_args(bias: torch.Tensor | None, fallback: torch.Tensor) -> tuple[torch
     return bias, bias.stride(0)
 
 
-def _launch_data_kernel(kernel, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
-                        grid: tuple[int, int, int], blocks: tuple[int, int, int], kernel_size: Triple, stride: Triple,
-                        padding: Triple) -> torch.Tensor:
+def _launch_data_kernel(
+    kernel,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    y: torch.Tensor,
+    grid: tuple[int, int, int],
+    blocks: tuple[int, int, int],
+    kernel_size: Triple,
+    stride: Triple,
+    padding: Triple,
+) -> torch.Tensor:
     """Launch a forward kernel on channels-last x, the tap-major [B, kd, kh, kw, Cin, Cout] weight w and y."""
     x = _channels_last(x)
     bias_ptr, bias_stride = _bias_args(bias, y)
     block_m, block_n, block_k = blocks
     kernel[grid](
-        x, w, bias_ptr, y,
-        *x.shape[1:4], *y.shape[1:4], *x.stride()[:4], w.stride(0), bias_stride, *y.stride()[:4],
-        C_IN=x.shape[4], C_OUT=y.shape[4], **_geometry(kernel_size, stride, padding),
-        HAS_BIAS=bias is not None, INPUT_PRECISION=_precision(x), UPCAST=_upcast(x),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=NUM_WARPS,
+        x,
+        w,
+        bias_ptr,
+        y,
+        *x.shape[1:4],
+        *y.shape[1:4],
+        *x.stride()[:4],
+        w.stride(0),
+        bias_stride,
+        *y.stride()[:4],
+        C_IN=x.shape[4],
+        C_OUT=y.shape[4],
+        **_geometry(kernel_size, stride, padding),
+        HAS_BIAS=bias is not None,
+        INPUT_PRECISION=_precision(x),
+        UPCAST=_upcast(x),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=NUM_WARPS,
     )
     return y
 
 
-def per_sample_conv3d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                              stride: Triple, padding: Triple) -> torch.Tensor:
+def per_sample_conv3d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: Triple, padding: Triple) -> torch.Tensor:
     """Conv of channels-last x [B, D, H, W, Cin] with weight [B, Cout, Cin, kd, kh, kw]; returns
     channels-last y [B, Do, Ho, Wo, Cout]."""
     batch, *size, c_in = x.shape
@@ -384,8 +532,9 @@ def per_sample_conv3d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch
     return _launch_data_kernel(_per_sample_conv3d_forward_kernel, x, w, bias, y, grid, blocks, kernel_size, stride, padding)
 
 
-def _launch_conv_transpose3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                             stride: Triple, padding: Triple, out_size: Triple) -> torch.Tensor:
+def _launch_conv_transpose3d(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: Triple, padding: Triple, out_size: Triple
+) -> torch.Tensor:
     """Channels-last transposed conv of x [B, D, H, W, Cin] with weight [B, Cin, Cout, kd, kh, kw]."""
     batch, *size, c_in = x.shape
     c_out, kernel_size = weight.shape[2], tuple(weight.shape[3:])
@@ -396,8 +545,7 @@ def _launch_conv_transpose3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     for n, s in zip(out_size, stride):
         phase_voxels *= triton.cdiv(n, s)
     grid = (triton.cdiv(phase_voxels, blocks[0]), triton.cdiv(c_out, blocks[1]), batch * stride[0] * stride[1] * stride[2])
-    return _launch_data_kernel(_per_sample_conv_transpose3d_forward_kernel, x, w, bias, y, grid, blocks, kernel_size,
-                               stride, padding)
+    return _launch_data_kernel(_per_sample_conv_transpose3d_forward_kernel, x, w, bias, y, grid, blocks, kernel_size, stride, padding)
 
 
 HOPPER_MULTIPROCESSORS = 132  # H100 SXM and H200: what meta tensors stand for (`hsort bench --static`)
@@ -424,8 +572,9 @@ def _line_block(width: int) -> int:
     return min((128, 64, 32, 16), key=lambda block: (TILE_COST + block) * triton.cdiv(width, block) / width)
 
 
-def _launch_weight_grad(g: torch.Tensor, x: torch.Tensor, kernel_size: Triple, stride: Triple, padding: Triple,
-                        bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _launch_weight_grad(
+    g: torch.Tensor, x: torch.Tensor, kernel_size: Triple, stride: Triple, padding: Triple, bias_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """dw[b, n, c, t] = sum_m g[b, m, n] x[b, m * s - p + t, c] for g [B, Do, Ho, Wo, N], x [B, Di, Hi, Wi, C].
 
     Returns dw as [B, N, C, kd, kh, kw] in float32 and, with `bias_grad`, sum_m g[b, m, n] as [B, N].
@@ -436,7 +585,7 @@ def _launch_weight_grad(g: torch.Tensor, x: torch.Tensor, kernel_size: Triple, s
     K = kernel_size[0] * kernel_size[1] * kernel_size[2] * c_x
     block_m, block_k = _line_block(g_size[2]), 64
     block_n = min(max(triton.next_power_of_2(c_g), 16), 64)
-    flat = K <= block_k  # one tile holds every tap: better than a run of KW x C_X padded to 64 for tiny C_X
+    flat = block_k >= K  # one tile holds every tap: better than a run of KW x C_X padded to 64 for tiny C_X
     slabs, run_k = (1, K) if flat else (kernel_size[0] * kernel_size[1], kernel_size[2] * c_x)
     tiles = triton.cdiv(c_g, block_n) * slabs * triton.cdiv(run_k, block_k)
     line_tiles = g_size[0] * g_size[1] * triton.cdiv(g_size[2], block_m)
@@ -446,17 +595,33 @@ def _launch_weight_grad(g: torch.Tensor, x: torch.Tensor, kernel_size: Triple, s
     partial_w = torch.empty((batch, splits, K, c_g), device=g.device, dtype=torch.float32)
     partial_b = torch.empty((batch, splits, c_g), device=g.device, dtype=torch.float32) if bias_grad else partial_w
     _per_sample_conv3d_weight_grad_kernel[(tiles, batch * splits)](
-        g, x, partial_w, partial_b, tiles_per_split, splits, *g_size, *x_size,
-        C_G=c_g, C_X=c_x, **_geometry(kernel_size, stride, padding),
-        FLAT=flat, SUM_ROWS=bias_grad, INPUT_PRECISION=_precision(x), UPCAST=_upcast(x),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=NUM_WARPS,
+        g,
+        x,
+        partial_w,
+        partial_b,
+        tiles_per_split,
+        splits,
+        *g_size,
+        *x_size,
+        C_G=c_g,
+        C_X=c_x,
+        **_geometry(kernel_size, stride, padding),
+        FLAT=flat,
+        SUM_ROWS=bias_grad,
+        INPUT_PRECISION=_precision(x),
+        UPCAST=_upcast(x),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=NUM_WARPS,
     )
     dw = partial_w.sum(dim=1).view(batch, *kernel_size, c_x, c_g).permute(0, 5, 4, 1, 2, 3)
     return dw, partial_b.sum(dim=1) if bias_grad else None
 
 
-def per_sample_conv3d_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: Triple,
-                               padding: Triple, needs_grad: tuple[bool, bool, bool]):
+def per_sample_conv3d_backward(
+    grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: Triple, padding: Triple, needs_grad: tuple[bool, bool, bool]
+):
     """(dx, dw, db) of the conv, channels-last like the forward; None for a gradient nobody needs."""
     grad_x = grad_w = grad_b = None
     if needs_grad[0]:
@@ -466,15 +631,15 @@ def per_sample_conv3d_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: to
     return grad_x, grad_w, grad_b
 
 
-def per_sample_conv_transpose3d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                                        stride: Triple, padding: Triple) -> torch.Tensor:
+def per_sample_conv_transpose3d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: Triple, padding: Triple) -> torch.Tensor:
     """Transposed conv of channels-last x [B, D, H, W, Cin]; returns channels-last y."""
     out_size = conv_transpose_output_size(tuple(x.shape[1:4]), tuple(weight.shape[3:]), stride, padding)
     return _launch_conv_transpose3d(x, weight, bias, stride, padding, out_size)
 
 
-def per_sample_conv_transpose3d_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: Triple,
-                                         padding: Triple, needs_grad: tuple[bool, bool, bool]):
+def per_sample_conv_transpose3d_backward(
+    grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: Triple, padding: Triple, needs_grad: tuple[bool, bool, bool]
+):
     """(dx, dw, db) of the transposed conv: dx is a strided conv of grad_y, dw a conv weight gradient with
     the roles of input and output swapped, db the plain sum of grad_y."""
     grad_x = grad_w = grad_b = None
@@ -527,6 +692,5 @@ class PerSampleConvTranspose3dFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x_cl, weight, bias = ctx.saved_tensors
-        grads = per_sample_conv_transpose3d_backward(_to_ndhwc(grad_y), x_cl, weight, *ctx.geometry,
-                                                     ctx.needs_input_grad[:3])
+        grads = per_sample_conv_transpose3d_backward(_to_ndhwc(grad_y), x_cl, weight, *ctx.geometry, ctx.needs_input_grad[:3])
         return (*_public_gradients(grads, weight, bias), None, None)

@@ -1,4 +1,5 @@
 """What CLI tests check of a refused input, and how they watch a training run in another process."""
+
 import csv
 import time
 

@@ -11,12 +11,12 @@ os.environ["HSORT_CACHE"] = tempfile.mkdtemp(prefix="hsort-test-cache-")
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-from kernel_checks import DEVICE  # noqa: E402
-from tiny_runs import tiny_config  # noqa: E402
+import pytest
+from kernel_checks import DEVICE
+from tiny_runs import tiny_config
 
-from hypersort_core.data import make_synthetic_dataset  # noqa: E402
-from hypersort_core.train import fit  # noqa: E402
+from hypersort_core.data import make_synthetic_dataset
+from hypersort_core.train import fit
 
 
 @pytest.fixture(autouse=True)

@@ -24,7 +24,7 @@ def phantom(index: int, shape=SHAPE, values=(1,)) -> tuple[np.ndarray, np.ndarra
     label = np.zeros(shape, dtype=np.uint8)
     for number, value in enumerate(values):
         start = (1 + 4 * number, 2 + index % 3, 3)
-        label[start[0]: start[0] + 3, start[1]: start[1] + 3, start[2]: start[2] + 3] = value
+        label[start[0] : start[0] + 3, start[1] : start[1] + 3, start[2] : start[2] + 3] = value
     ramp = np.indices(shape).sum(axis=0)
     image = (ramp * 5 + (label > 0) * 200 - 100).astype(np.int16)
     return image, label
@@ -66,9 +66,7 @@ def write_msd(root: Path, n_cases: int = 3, shape=SHAPE, affine=None, labels: di
     return root
 
 
-def write_totalsegmentator(
-    root: Path, n_cases: int = 3, shape=SHAPE, affine=None, structures: tuple[str, ...] = ("liver", "spleen")
-) -> Path:
+def write_totalsegmentator(root: Path, n_cases: int = 3, shape=SHAPE, affine=None, structures: tuple[str, ...] = ("liver", "spleen")) -> Path:
     """TotalSegmentator: sXXXX/ct.nii.gz and sXXXX/segmentations/{structure}.nii.gz binary masks."""
     for index in range(n_cases):
         image, label = phantom(index, shape, tuple(range(1, len(structures) + 1)))
@@ -88,18 +86,14 @@ def write_folders(root: Path, n_cases: int = 3, shape=SHAPE, affine=None) -> Pat
     return root
 
 
-def write_case(
-    root: Path, image: np.ndarray, label: np.ndarray, affine=None, label_affine=None, case_id: str = "case"
-) -> Path:
+def write_case(root: Path, image: np.ndarray, label: np.ndarray, affine=None, label_affine=None, case_id: str = "case") -> Path:
     """A one-case dataset in the folders layout from the given arrays (and affines)."""
     write_nifti(root / "images" / f"{case_id}.nii.gz", image, affine)
     write_nifti(root / "labels" / f"{case_id}.nii.gz", label, affine if label_affine is None else label_affine)
     return root
 
 
-def write_manifest(
-    root: Path, n_cases: int = 3, shape=SHAPE, affine=None, header=("DataPath", "LabelPath"), delimiter: str = "\t"
-) -> Path:
+def write_manifest(root: Path, n_cases: int = 3, shape=SHAPE, affine=None, header=("DataPath", "LabelPath"), delimiter: str = "\t") -> Path:
     """volumes/ and a manifest of relative paths; a third header entry adds a case-id column."""
     rows = []
     for index in range(n_cases):

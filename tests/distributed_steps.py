@@ -3,6 +3,7 @@
 Run by tests/test_distributed.py, once as one process and once under torchrun with two, to compare
 the gradients every step produces: `python distributed_steps.py OUT.pt`.
 """
+
 import sys
 from dataclasses import replace
 
@@ -35,14 +36,16 @@ def run(out: str) -> None:
         record = []
         for number, global_batch in enumerate(GLOBAL_BATCHES):
             step = train_step(trainer, share_of(number, global_batch, world, images, labels), global_batch)
-            record.append({
-                "loss": step.loss,
-                "stepped": step.stepped,
-                "unreadable": step.unreadable,
-                "hypernet_grads": [p.grad.clone() if p.grad is not None else None for p in model.hypernet.parameters()],
-                "latent_grad": model.latents.weight.grad.to_dense().clone() if step.stepped else None,
-                "latents": model.latents.weight.detach().clone(),
-            })
+            record.append(
+                {
+                    "loss": step.loss,
+                    "stepped": step.stepped,
+                    "unreadable": step.unreadable,
+                    "hypernet_grads": [p.grad.clone() if p.grad is not None else None for p in model.hypernet.parameters()],
+                    "latent_grad": model.latents.weight.grad.to_dense().clone() if step.stepped else None,
+                    "latents": model.latents.weight.detach().clone(),
+                }
+            )
         if world.is_main:
             torch.save(record, out)
 

@@ -1,4 +1,5 @@
 """A training process that fails on rank 1 only (an out-of-memory GPU, say), for tests/test_distributed.py."""
+
 import os
 import sys
 

@@ -3,6 +3,7 @@
 Triton is imported at the first kernel launch, inside the `triton_kernels` fixture (conftest.py):
 importing it at module level would decide for compiled kernels before TRITON_INTERPRET is set.
 """
+
 import importlib.util
 import math
 

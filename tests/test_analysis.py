@@ -1,5 +1,6 @@
 """`hsort analyze`: scores, clusters and the worst-first ranking, on latents with a known answer and
 on a trained run."""
+
 import csv
 import json
 import shutil
@@ -10,9 +11,9 @@ import pytest
 import torch
 from cli_checks import assert_one_line_error
 from click.testing import CliRunner
-from hypersort_core.cli.analyze import analyze
 
 from hypersort_core.analysis import find_clusters
+from hypersort_core.cli.analyze import analyze
 from hypersort_core.config import ConfigError
 from hypersort_core.data import scored_roi
 from hypersort_core.latents import latent_scores
@@ -67,11 +68,14 @@ def test_clusters_are_the_same_on_every_call_and_can_be_fixed():
     assert fixed.members[0] == 0
 
 
-@pytest.mark.parametrize("latents, clusters, message", [
-    (np.zeros((1, 2)), None, "2 cases at least"),
-    (two_styles_and_two_outliers(), 40, "choose 1 to 34"),
-    (np.zeros((5, 2)), 2, "5 latents lie at 1 distinct points"),
-])
+@pytest.mark.parametrize(
+    "latents, clusters, message",
+    [
+        (np.zeros((1, 2)), None, "2 cases at least"),
+        (two_styles_and_two_outliers(), 40, "choose 1 to 34"),
+        (np.zeros((5, 2)), 2, "5 latents lie at 1 distinct points"),
+    ],
+)
 def test_impossible_clusterings_are_refused_with_the_reason(latents, clusters, message):
     with pytest.raises(ConfigError, match=message):
         find_clusters(latents, clusters)

@@ -1,4 +1,5 @@
 """The Python API: the README's example runs as written, and it returns what the CLI writes."""
+
 from __future__ import annotations
 
 import csv

@@ -1,4 +1,5 @@
 """Output files appear whole or not at all, readable like any other file."""
+
 import os
 import stat
 

@@ -266,12 +266,14 @@ def test_isal_reads_what_nibabel_reads_and_fails_as_it_fails(tmp_path, monkeypat
 
     path = write_nifti(tmp_path / "image.nii.gz", np.random.default_rng(0).integers(-1000, 1000, (40, 40, 40), dtype=np.int16))
     data, middle = path.read_bytes(), len(path.read_bytes()) // 2
-    path.write_bytes({
-        "none": data,
-        "truncated": data[:-40],
-        "corrupt": data[:middle] + bytes(40) + data[middle + 40 :],
-        "trailing data": data + gzip.compress(bytes(1000)),  # a second gzip member: the first's size no longer ends the file
-    }[damage])
+    path.write_bytes(
+        {
+            "none": data,
+            "truncated": data[:-40],
+            "corrupt": data[:middle] + bytes(40) + data[middle + 40 :],
+            "trailing data": data + gzip.compress(bytes(1000)),  # a second gzip member: the first's size no longer ends the file
+        }[damage]
+    )
 
     def read(isal: bool):
         if not isal:

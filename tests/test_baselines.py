@@ -1,5 +1,6 @@
 """The plain-UNet baselines: HyperSORT's loss, real training, and folds that never score a case
 with a UNet that saw it."""
+
 import shutil
 from dataclasses import replace
 
@@ -90,4 +91,3 @@ def test_random_crop_runs_are_scored_on_the_roi_around_the_label(tmp_path):
     assert label[4, 4, 4] == 1 and image[4, 4, 4] == case.load_image()[5, 6, 7]
     stored_image, _ = scored_roi(case, replace(config, crop="label"))
     assert stored_image.shape == (20, 16, 16)
-

@@ -1,14 +1,15 @@
 """`hsort bench` times the UNet's own layers, counts their work right, and reports every section it runs."""
+
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from hypersort_core.cli.main import main
 from torch.utils.flop_counter import FlopCounterMode
 
 from hypersort_core.benchmark import BACKWARD_COST, LayerShape, unet_layer_shapes
+from hypersort_core.cli.main import main
 from hypersort_core.config import PRESETS
 from hypersort_core.model import ModelConfig, parameter_layout, plain_unet
 

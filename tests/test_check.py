@@ -1,4 +1,5 @@
 """`hsort check` flags each kind of broken or suspicious case, with the right severity and exit code."""
+
 import gzip
 import json
 import os
@@ -52,6 +53,7 @@ def run_check(*args):
 
 
 # Errors: the case (or the dataset) cannot be trained on as it is.
+
 
 def remove_label(root):
     label_of(root).unlink()
@@ -114,10 +116,22 @@ def wrong_num_training(root):
     return root / "dataset.json", "numTraining is 5 but 3 training cases were found"
 
 
-ERRORS = [remove_label, remove_image, label_of_other_shape, label_on_other_grid, label_with_other_spacing, undeclared_label_value, nan_in_image, image_affine_with_nan, missing_dataset_json_key, wrong_num_training]
+ERRORS = [
+    remove_label,
+    remove_image,
+    label_of_other_shape,
+    label_on_other_grid,
+    label_with_other_spacing,
+    undeclared_label_value,
+    nan_in_image,
+    image_affine_with_nan,
+    missing_dataset_json_key,
+    wrong_num_training,
+]
 
 
 # Warnings: the case can be trained on, but a curator should look at it.
+
 
 def empty_label(root):
     write_nifti(label_of(root), np.zeros_like(voxels(label_of(root))))
@@ -193,9 +207,7 @@ def test_on_hsort_synth_data_only_a_label_dilated_into_the_air_is_flagged(synthe
     report = check_dataset(synthetic_dataset)
     kinds = dict(line.split(",")[:2] for line in (synthetic_dataset / "perturbations.csv").read_text().splitlines())
     assert report.errors == []
-    assert [(issue.case, kinds[issue.case], "outside the body" in issue.problem) for issue in report.warnings] == [
-        ("synth_006", "dilated", True)
-    ]
+    assert [(issue.case, kinds[issue.case], "outside the body" in issue.problem) for issue in report.warnings] == [("synth_006", "dilated", True)]
 
 
 @pytest.mark.parametrize("corrupt", ERRORS)
@@ -216,7 +228,9 @@ def test_each_warning_is_reported_for_its_case_only_and_exits_1(dataset, spoil):
     report = json.loads(run_check(dataset, "--json").stdout)
     assert report["errors"] == []
     assert {case["case"]: case["status"] for case in report["cases"]} == {
-        "case_000": "warning" if spoil is duplicated_image else "ok", "case_001": "warning", "case_002": "ok"
+        "case_000": "warning" if spoil is duplicated_image else "ok",
+        "case_001": "warning",
+        "case_002": "ok",
     }
     case_001 = [warning for warning in report["warnings"] if warning["case"] == "case_001"]
     assert [(warning["file"], problem in warning["problem"]) for warning in case_001] == [(str(file), True)]
@@ -255,9 +269,7 @@ def test_a_selected_structure_missing_from_a_case_names_its_mask(tmp_path):
     mask = root / "s0001" / "segmentations" / "spleen.nii.gz"
     write_nifti(mask, np.zeros_like(voxels(mask)))
     report = check_dataset(root, label="spleen")
-    assert [(issue.case, issue.file, issue.problem) for issue in report.warnings] == [
-        ("s0001", mask, "label 'spleen' is empty in this case")
-    ]
+    assert [(issue.case, issue.file, issue.problem) for issue in report.warnings] == [("s0001", mask, "label 'spleen' is empty in this case")]
     assert check_dataset(root, label="liver").exit_code == 0
 
 
@@ -277,6 +289,7 @@ def test_fit_can_stop_at_the_first_error_and_say_how_many_more(dataset):
 
 
 # One read per case: the findings are cached with the prepared cases, keyed by the files.
+
 
 def loads_counted(monkeypatch) -> list:
     """Every NIfTI file nibabel opens from now on, in order."""

@@ -1,4 +1,5 @@
 """`hsort` as a user runs it: real processes, real signals."""
+
 import os
 import re
 import signal
@@ -7,7 +8,6 @@ import sys
 
 import pytest
 import torch
-
 from cli_checks import logged_epochs, wait_for
 
 from hypersort_core.checkpoint import load_checkpoint
@@ -36,7 +36,9 @@ def test_synth_then_fit_prints_where_results_are_and_the_auroc(dataset, tmp_path
     result = hsort("fit", dataset, "--out", tmp_path / "run", *TINY_FIT, "--epochs", 2)
     assert result.returncode == 0, result.stderr
     assert str(tmp_path / "run" / "latent_map.png") in result.stdout
-    assert re.search(r"known label errors \(clean \d+, dilated \d+, eroded \d+\): AUROC of loss under the λ = 0 UNet \d\.\d{3}, latent norm ‖λ‖ \d\.\d{3}", result.stdout)
+    assert re.search(
+        r"known label errors \(clean \d+, dilated \d+, eroded \d+\): AUROC of loss under the λ = 0 UNet \d\.\d{3}, latent norm ‖λ‖ \d\.\d{3}", result.stdout
+    )
     assert "eroded vs dilated direction cosine" in result.stdout
     assert (dataset / "perturbations.csv").is_file()
     for analysed in ("ranking.csv", "clusters.csv", "report.html", "latent_map.html"):  # fit ends with hsort analyze

@@ -1,4 +1,5 @@
 """Every kind of bad input reaches the user of `hsort fit` as one line naming the file, exit code 2."""
+
 import json
 
 import nibabel as nib
@@ -7,8 +8,8 @@ import pytest
 from cli_checks import assert_one_line_error
 from click.testing import CliRunner
 from dataset_writers import write_nifti, write_nnunet, write_totalsegmentator, write_totalsegmentator_meta
-from hypersort_core.cli.main import main
 
+from hypersort_core.cli.main import main
 from hypersort_core.run import load_run
 
 FAST = ["--preset", "small", "--roi", "8", "--base-channels", "2", "--convs-per-level", "1", "--epochs", "1", "--quiet"]
@@ -74,7 +75,17 @@ def truncated_image(root):
     return image_of(root)
 
 
-CORRUPTIONS = [remove_label, remove_image, label_of_other_shape, label_on_other_grid, undeclared_label_value, nan_in_image, two_dimensional_image, four_dimensional_image, truncated_image]
+CORRUPTIONS = [
+    remove_label,
+    remove_image,
+    label_of_other_shape,
+    label_on_other_grid,
+    undeclared_label_value,
+    nan_in_image,
+    two_dimensional_image,
+    four_dimensional_image,
+    truncated_image,
+]
 
 
 def run_fit(*args):
@@ -161,11 +172,14 @@ def test_fit_split_trains_on_that_split_and_the_run_remembers_it(tmp_path):
     assert [case.case_id for case in load_run(run).prepared().cases] == ["s0000", "s0002"]
 
 
-@pytest.mark.parametrize("options", [
-    ["--kinds", "eroded,smudged"],
-    ["--style-fraction", "0.2"],
-    ["--perturbed", "0.9", "--style", "coarse", "--style-fraction", "0.3"],
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--kinds", "eroded,smudged"],
+        ["--style-fraction", "0.2"],
+        ["--perturbed", "0.9", "--style", "coarse", "--style-fraction", "0.3"],
+    ],
+)
 def test_synth_settings_that_cannot_make_a_dataset_are_one_line(tmp_path, options):
     result = CliRunner().invoke(main, ["synth", str(tmp_path / "out"), "--cases", "4", "--size", "16", *options])
     assert result.exit_code == 2, result.output

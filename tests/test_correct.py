@@ -1,4 +1,5 @@
 """`hsort correct`: pseudo-labels of training cases in a cluster's style, and what they change."""
+
 import csv
 import shutil
 
@@ -7,8 +8,8 @@ import numpy as np
 import pytest
 from cli_checks import assert_one_line_error
 from click.testing import CliRunner
-from hypersort_core.cli.predict import correct
 
+from hypersort_core.cli.predict import correct
 from hypersort_core.run import load_run
 
 

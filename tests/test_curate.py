@@ -1,4 +1,5 @@
 """`hsort curate`: a new nnU-Net dataset with review.csv's decisions applied, the source never touched."""
+
 import csv
 import hashlib
 import json
@@ -89,8 +90,13 @@ def test_the_decisions_make_a_dataset_that_check_passes_and_fit_trains_on(styled
     assert check_dataset(out).errors == []
     rows = read_rows(out / "curation.csv")
     assert {case: (row["decision"], row["label_source"]) for case, row in rows.items()} == {
-        "synth_000": ("use_prediction", "prediction"), "synth_001": ("exclude", "left out"), "synth_002": ("use_prediction", "prediction"),
-        "synth_003": ("hard_but_correct", "given"), "synth_004": ("fine", "given"), "synth_005": ("undecided", "given"), "synth_006": ("undecided", "given"),
+        "synth_000": ("use_prediction", "prediction"),
+        "synth_001": ("exclude", "left out"),
+        "synth_002": ("use_prediction", "prediction"),
+        "synth_003": ("hard_but_correct", "given"),
+        "synth_004": ("fine", "given"),
+        "synth_005": ("undecided", "given"),
+        "synth_006": ("undecided", "given"),
     }
     assert rows["synth_002"]["style"] == "cluster_1"
 
@@ -151,13 +157,16 @@ def test_an_existing_out_is_replaced_only_with_overwrite_and_only_if_curate_wrot
     assert not inside.exists()
 
 
-@pytest.mark.parametrize("rows, header, problem", [
-    ([("synth_000", "wrong", "")], COLUMNS, "unknown decision 'wrong'"),
-    ([("no_such_case", "fine", "")], COLUMNS, "row 2: 'no_such_case' is not a training case"),
-    ([("synth_000", "use_prediction", "")], COLUMNS, "needs a style"),
-    ([("synth_000", "use_prediction", "cluster_9")], COLUMNS, "style cluster_9 is not one of the run's styles"),
-    ([("synth_000", "fine", "")], ("name", "verdict", "style", "note", "reviewer", "time"), "has no case or decision column"),
-])
+@pytest.mark.parametrize(
+    "rows, header, problem",
+    [
+        ([("synth_000", "wrong", "")], COLUMNS, "unknown decision 'wrong'"),
+        ([("no_such_case", "fine", "")], COLUMNS, "row 2: 'no_such_case' is not a training case"),
+        ([("synth_000", "use_prediction", "")], COLUMNS, "needs a style"),
+        ([("synth_000", "use_prediction", "cluster_9")], COLUMNS, "style cluster_9 is not one of the run's styles"),
+        ([("synth_000", "fine", "")], ("name", "verdict", "style", "note", "reviewer", "time"), "has no case or decision column"),
+    ],
+)
 def test_a_bad_review_file_is_one_line_naming_it(styled_run, tmp_path, rows, header, problem):
     review = write_review(tmp_path / "review.csv", rows, header)
     result = run_curate(styled_run, "--out", tmp_path / "curated", "--review", review)

@@ -45,7 +45,24 @@ def test_error_aurocs_compare_each_kind_with_the_clean_cases_of_the_main_style(c
 
 @pytest.mark.slow
 def test_a_tiny_benchmark_writes_its_table_and_json(tmp_path):
-    command = [sys.executable, str(SCRIPT), "--cases", "24", "--seeds", "0", "--size", "16", "--epochs", "1", "--jobs", "1", "--out", str(tmp_path), "--tag", "tiny"]
+    command = [
+        sys.executable,
+        str(SCRIPT),
+        "--cases",
+        "24",
+        "--seeds",
+        "0",
+        "--size",
+        "16",
+        "--epochs",
+        "1",
+        "--jobs",
+        "1",
+        "--out",
+        str(tmp_path),
+        "--tag",
+        "tiny",
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "tiny" / "results.json").read_text())

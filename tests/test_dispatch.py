@@ -1,10 +1,13 @@
 """HSORT_KERNELS picks the implementation; configurations the kernels lack fall back to the reference."""
+
 import importlib
 import importlib.util
 import warnings
 
 import pytest
 import torch
+from kernel_checks import needs_triton
+
 from hypersort_core.kernels import (
     _dispatch,
     hyper_head,
@@ -14,7 +17,6 @@ from hypersort_core.kernels import (
     per_sample_conv_transpose3d,
     per_sample_conv_transpose3d_reference,
 )
-from kernel_checks import needs_triton
 
 # the package re-exports the function under the module's name, so the module is looked up by path
 conv_module = importlib.import_module("hypersort_core.kernels.per_sample_conv3d")
@@ -112,12 +114,16 @@ def test_without_triton_installed_the_default_is_the_reference_and_forcing_it_fa
     "op, reference, args",
     [
         (per_sample_conv3d, per_sample_conv3d_reference, lambda: (*conv_inputs(torch.float64), 2, 1)),
-        (per_sample_conv_transpose3d, per_sample_conv_transpose3d_reference,
-         lambda: (torch.randn(1, 3, 2, 3, 2, dtype=torch.float64), torch.randn(1, 3, 2, 4, 4, 4, dtype=torch.float64),
-                  None, 2, 1)),
-        (hyper_head, hyper_head_reference,
-         lambda: (torch.randn(2, 5, dtype=torch.float64), torch.randn(40, 5, dtype=torch.float64),
-                  torch.randn(40, dtype=torch.float64))),
+        (
+            per_sample_conv_transpose3d,
+            per_sample_conv_transpose3d_reference,
+            lambda: (torch.randn(1, 3, 2, 3, 2, dtype=torch.float64), torch.randn(1, 3, 2, 4, 4, 4, dtype=torch.float64), None, 2, 1),
+        ),
+        (
+            hyper_head,
+            hyper_head_reference,
+            lambda: (torch.randn(2, 5, dtype=torch.float64), torch.randn(40, 5, dtype=torch.float64), torch.randn(40, dtype=torch.float64)),
+        ),
     ],
 )
 def test_unsupported_dtype_warns_once_and_gives_the_reference_answer(monkeypatch, op, reference, args):

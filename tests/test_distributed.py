@@ -1,5 +1,6 @@
 """Training on several processes (torchrun, gloo on the CPU) computes what one process computes with the
 same effective batch: the same gradients, every case's latent moving, the same latents after a few steps."""
+
 import csv
 import os
 import shutil
@@ -88,7 +89,7 @@ def test_two_processes_train_every_latent_and_match_one_process_with_the_same_ef
     one_dir = tmp_path / "one"
     hsort_fit(synthetic_dataset, one_dir, "--batch-size", "4", "--epochs", "1")
     shared, alone = latents(two_dir), latents(one_dir)
-    case_ids = [row["case"] for row in csv.DictReader(open(two_dir / "latents.csv"))]
+    case_ids = [row["case"] for row in csv.DictReader((two_dir / "latents.csv").read_text().splitlines())]
     start = initial_model(tiny_config(), case_ids, torch.device("cpu")).latents.weight.detach().numpy()
     assert np.all(np.abs(shared - start).max(axis=1) > 100 * LATENT_TOLERANCE)  # every case's latent moved
     np.testing.assert_allclose(shared, alone, rtol=0, atol=LATENT_TOLERANCE)
@@ -107,7 +108,22 @@ def test_a_two_process_run_stopped_mid_epoch_resumes_where_it_stopped(two_proces
 def test_ctrl_c_stops_every_process_after_the_same_step_with_a_checkpoint_to_resume_from(synthetic_dataset, tmp_path):
     """Ctrl-C reaches the whole process group (torchrun and both trainers): none may hang or lose the checkpoint."""
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "hypersort_core.cli", "fit", str(synthetic_dataset), "--out", str(out), *TINY, "--nproc", "2", "--epochs", "1000", "--checkpoint-every", "500"]
+    command = [
+        sys.executable,
+        "-m",
+        "hypersort_core.cli",
+        "fit",
+        str(synthetic_dataset),
+        "--out",
+        str(out),
+        *TINY,
+        "--nproc",
+        "2",
+        "--epochs",
+        "1000",
+        "--checkpoint-every",
+        "500",
+    ]
     process = subprocess.Popen(command, env=single_process_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     wait_for(lambda: len(logged_epochs(out)) >= 1 or process.poll() is not None)
     os.killpg(process.pid, signal.SIGINT)

@@ -1,5 +1,6 @@
 """Before training, `hsort fit` estimates the time per epoch and the peak memory from one real step, and
 refuses (one line, exit code 2) a run whose peak would exceed the free memory, unless --force."""
+
 from click.testing import CliRunner
 from tiny_runs import tiny_config
 

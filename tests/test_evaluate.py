@@ -1,5 +1,6 @@
 """`hsort evaluate`: the paper's Section 4.2 table on a trained run, against perturbations.csv or
 reference labels, with the plain-UNet baselines and a test set."""
+
 import csv
 import json
 import shutil
@@ -10,10 +11,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from hypersort_core.cli.evaluate import evaluate
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
+from hypersort_core.cli.evaluate import evaluate
 from hypersort_core.data import make_synthetic_dataset, scored_roi
 from hypersort_core.evaluate import perturbation_summary
 from hypersort_core.latents import latent_scores, read_latents_csv
@@ -179,17 +180,19 @@ def misaligned_reference(run: Path, dataset: Path, tmp_path: Path) -> list[str]:
     return ["--reference-labels", folder]
 
 
-@pytest.mark.parametrize("setup, message", [
-    (without_perturbations, "has no perturbations.csv"),
-    (unrelated_reference, "covers none of the run's 7 training cases"),
-    (misaligned_reference, "synth_003.nii.gz: label shape (14, 16, 16) differs"),
-])
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (without_perturbations, "has no perturbations.csv"),
+        (unrelated_reference, "covers none of the run's 7 training cases"),
+        (misaligned_reference, "synth_003.nii.gz: label shape (14, 16, 16) differs"),
+    ],
+)
 def test_bad_reference_is_one_line_and_exit_code_2(run, synthetic_dataset, tmp_path, setup, message):
     result = hsort_evaluate(run, *setup(run, synthetic_dataset, tmp_path), "--skip-baselines")
     assert result.exit_code == 2
     assert message in result.stderr and result.stderr.count("\n") == 1
     assert not (run / "evaluation.json").exists()
-
 
 
 def test_perturbation_summary_per_kind_without_erosion_or_dilation_warns_of_nothing(tmp_path):

@@ -1,4 +1,5 @@
 """`hsort export`: one style as a plain UNet, equal to the hyper-network's UNet at that latent."""
+
 import json
 
 import numpy as np
@@ -6,10 +7,10 @@ import pytest
 import torch
 from cli_checks import assert_one_line_error
 from click.testing import CliRunner
-from hypersort_core.cli.predict import export
 from safetensors import safe_open
 
 from hypersort_core import UNet
+from hypersort_core.cli.predict import export
 from hypersort_core.run import load_run
 
 
@@ -40,8 +41,11 @@ def test_architecture_and_preprocessing_are_recorded(trained_run, tmp_path):
     description = json.loads((tmp_path / "main.json").read_text())
     config = load_run(trained_run).config
     assert description["architecture"] == {
-        "in_channels": 1, "out_channels": 2, "levels": config.model.levels,
-        "convs_per_level": config.model.convs_per_level, "base_channels": config.model.base_channels,
+        "in_channels": 1,
+        "out_channels": 2,
+        "levels": config.model.levels,
+        "convs_per_level": config.model.convs_per_level,
+        "base_channels": config.model.base_channels,
     }
     assert description["preprocess"] == config.preprocess.to_dict()
     with safe_open(tmp_path / "main.safetensors", "pt") as handle:

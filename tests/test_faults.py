@@ -1,4 +1,5 @@
 """Training survives the faults of long runs: kills, full disks, NaN losses and files that vanish."""
+
 import errno
 import io
 import math
@@ -12,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from hypersort_core.cli.main import main as hsort_main
 from tiny_runs import tiny_config
 
 import hypersort_core.atomic
 import hypersort_core.checkpoint
 import hypersort_core.train
 from hypersort_core.checkpoint import CheckpointError, load_checkpoint
+from hypersort_core.cli.main import main as hsort_main
 from hypersort_core.model import HyperSORT
 from hypersort_core.run_folder import read_config
 from hypersort_core.train import (

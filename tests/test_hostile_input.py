@@ -1,6 +1,7 @@
 """Hostile input: mutated NIfTI files, dataset.json, manifests and `hsort fit` arguments end in a result
 or in one clear error (what the CLI prints as one line with exit code 2), never in a traceback or a hang.
 Odd folder names work, and checkpoints and exported UNets load without running code from the file."""
+
 import gzip
 import json
 import pickle
@@ -16,12 +17,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 from dataset_writers import write_manifest, write_nnunet
-from hypersort_core.cli.main import main
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import hypersort_core.data.preprocess as preprocessing
 from hypersort_core.checkpoint import CheckpointError, load_checkpoint
+from hypersort_core.cli.main import main
 from hypersort_core.config import ConfigError
 from hypersort_core.data import (
     DataError,
@@ -237,8 +238,13 @@ JSON_VALUES = st.recursive(
     max_leaves=6,
 )
 LABEL_VALUES = st.one_of(
-    st.integers(-3, 300), st.sampled_from([2**31, 2**63, 10**30]), st.floats(), st.text(max_size=4),
-    st.booleans(), st.none(), st.lists(st.integers(0, 3), max_size=2),
+    st.integers(-3, 300),
+    st.sampled_from([2**31, 2**63, 10**30]),
+    st.floats(),
+    st.text(max_size=4),
+    st.booleans(),
+    st.none(),
+    st.lists(st.integers(0, 3), max_size=2),
 )
 LABEL_MAPS = st.dictionaries(st.text(max_size=6) | st.integers(0, 5).map(str), LABEL_VALUES, max_size=4)
 META_KEYS = ["labels", "channel_names", "modality", "file_ending", "numTraining", "training"]
@@ -269,11 +275,31 @@ def test_dataset_json_of_arbitrary_bytes(nnunet_gz, data):
         assert_result_or_clear_error(root)
 
 
-CELLS = st.sampled_from([
-    "volumes/scan_000.nii.gz", "volumes/scan_000_seg.nii.gz", "volumes/scan_001.nii.gz", "volumes/scan_001_seg.nii.gz",
-    "volumes/nowhere.nii.gz", "volumes", "/", "..", "../escape.nii.gz", "", " ", '"', "a\tb", "x,y", "patient0",
-    "DataPath", "LabelPath", "case", "volumes/scan_000.nii", "dätä.nii.gz", "a/b",
-])
+CELLS = st.sampled_from(
+    [
+        "volumes/scan_000.nii.gz",
+        "volumes/scan_000_seg.nii.gz",
+        "volumes/scan_001.nii.gz",
+        "volumes/scan_001_seg.nii.gz",
+        "volumes/nowhere.nii.gz",
+        "volumes",
+        "/",
+        "..",
+        "../escape.nii.gz",
+        "",
+        " ",
+        '"',
+        "a\tb",
+        "x,y",
+        "patient0",
+        "DataPath",
+        "LabelPath",
+        "case",
+        "volumes/scan_000.nii",
+        "dätä.nii.gz",
+        "a/b",
+    ]
+)
 
 
 @FUZZ
@@ -313,9 +339,20 @@ ARGUMENTS = {
 }
 # Values that still end in a traceback: their checks belong to config.py/train.py (reported to the lead).
 CHECKED_SETTINGS = [
-    ("--batch-size", "0"), ("--lr", "nan"), ("--lr", "-1"), ("--latent-lr", "nan"), ("--latent-lr", "-1"),
-    ("--latent-lr", "0"), ("--latent-dim", "0"), ("--latent-dim", "-1"), ("--levels", "-1"), ("--levels", "3"),
-    ("--roi", "4"), ("--checkpoint-every", "0"), ("--workers", "-1"), ("--seed", str(2**70)),
+    ("--batch-size", "0"),
+    ("--lr", "nan"),
+    ("--lr", "-1"),
+    ("--latent-lr", "nan"),
+    ("--latent-lr", "-1"),
+    ("--latent-lr", "0"),
+    ("--latent-dim", "0"),
+    ("--latent-dim", "-1"),
+    ("--levels", "-1"),
+    ("--levels", "3"),
+    ("--roi", "4"),
+    ("--checkpoint-every", "0"),
+    ("--workers", "-1"),
+    ("--seed", str(2**70)),
 ]
 
 
@@ -336,9 +373,11 @@ def assert_result_or_clear_cli_error(result) -> None:
 
 
 @settings(FUZZ, max_examples=25, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(chosen=st.dictionaries(st.sampled_from(sorted(ARGUMENTS)), st.none(), min_size=1, max_size=3).flatmap(
-    lambda names: st.fixed_dictionaries({name: ARGUMENTS[name] for name in names})
-))
+@given(
+    chosen=st.dictionaries(st.sampled_from(sorted(ARGUMENTS)), st.none(), min_size=1, max_size=3).flatmap(
+        lambda names: st.fixed_dictionaries({name: ARGUMENTS[name] for name in names})
+    )
+)
 @example(chosen={"--spacing": "nan"})
 def test_fit_arguments(nnunet_gz, chosen, one_torch_thread):
     assert_result_or_clear_cli_error(fit_with(nnunet_gz, [part for item in chosen.items() for part in item]))
@@ -352,6 +391,7 @@ def test_fit_refuses_settings_that_cannot_train_in_one_line(nnunet_gz, name, val
 
 
 # --- paths and code in files ----------------------------------------------------------------------
+
 
 def test_paths_with_spaces_and_non_ascii_characters(tmp_path, one_torch_thread):
     folder = tmp_path / "dätä sét"
@@ -380,8 +420,7 @@ class RunsCode:
         return Path.touch, (self.marker,)
 
 
-@pytest.mark.parametrize("write", [torch.save, lambda payload, file: file.write_bytes(pickle.dumps(payload))],
-                         ids=["torch_save", "plain_pickle"])
+@pytest.mark.parametrize("write", [torch.save, lambda payload, file: file.write_bytes(pickle.dumps(payload))], ids=["torch_save", "plain_pickle"])
 def test_checkpoint_with_code_is_refused_without_running_it(tmp_path, write):
     marker, checkpoint = tmp_path / "code_ran", tmp_path / "checkpoint.pt"
     write({"format": 1, "model": RunsCode(marker)}, checkpoint)

@@ -5,8 +5,9 @@ Every fresh tensor is filled with NaN, so a kernel that leaves an output element
 
 import pytest
 import torch
-from hypersort_core.kernels import HEAD_SCALE, hyper_head, hyper_head_reference
 from kernel_checks import DEVICE, assert_matches, needs_triton
+
+from hypersort_core.kernels import HEAD_SCALE, hyper_head, hyper_head_reference
 
 pytestmark = [needs_triton, pytest.mark.usefixtures("triton_kernels")]
 

@@ -1,4 +1,5 @@
 """`hsort import-reference`: a checkpoint in the public code's format becomes a run that computes the same function."""
+
 import json
 
 import pytest
@@ -6,8 +7,8 @@ import torch
 from cli_checks import assert_one_line_error
 from click.testing import CliRunner
 from dataset_writers import write_manifest, write_reference_checkout
-from hypersort_core.cli.predict import import_reference
 
+from hypersort_core.cli.predict import import_reference
 from hypersort_core.model import ModelConfig, flatten_state_dict
 from hypersort_core.reference import ReferenceHyperNetwork
 from hypersort_core.run import load_run

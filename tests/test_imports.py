@@ -4,6 +4,7 @@ The graph is read from the source (every import statement, inside functions too,
 for type checkers), so a cycle hidden in a function-local import counts.  The commands that work on a
 finished run must not load the training loop, at import time or through any import of theirs.
 """
+
 from __future__ import annotations
 
 import ast
@@ -126,8 +127,10 @@ def test_the_graph_sees_a_cycle_hidden_in_a_function(tmp_path):
     """The detector itself: two modules importing each other, one of them inside a function."""
     (tmp_path / "a.py").write_text("import hypersort_core.b\n")
     (tmp_path / "b.py").write_text("def later():\n    from hypersort_core.a import x\n")
-    graph = {name: {t for t in imported_names(tmp_path / f"{name[-1]}.py", name, False) if t in ("hypersort_core.a", "hypersort_core.b") and t != name}
-             for name in ("hypersort_core.a", "hypersort_core.b")}
+    graph = {
+        name: {t for t in imported_names(tmp_path / f"{name[-1]}.py", name, False) if t in ("hypersort_core.a", "hypersort_core.b") and t != name}
+        for name in ("hypersort_core.a", "hypersort_core.b")
+    }
     assert cycles(graph) == [["hypersort_core.a", "hypersort_core.b"]]
 
 

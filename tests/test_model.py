@@ -1,4 +1,5 @@
 """The per-sample UNet is the paper's UNet, once per sample, and the hyper-network drives all of it."""
+
 import json
 from pathlib import Path
 

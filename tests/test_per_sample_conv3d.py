@@ -3,17 +3,19 @@
 Tiny odd shapes; every fresh tensor is filled with NaN, so a kernel that leaves an output element
 unwritten fails.
 """
+
 import math
 
 import pytest
 import torch
+from kernel_checks import DEVICE, assert_matches, needs_triton
+
 from hypersort_core.kernels import (
     per_sample_conv3d,
     per_sample_conv3d_reference,
     per_sample_conv_transpose3d,
     per_sample_conv_transpose3d_reference,
 )
-from kernel_checks import DEVICE, assert_matches, needs_triton
 
 pytestmark = [needs_triton, pytest.mark.usefixtures("triton_kernels")]
 
@@ -50,8 +52,7 @@ def test_conv3d_forward_and_gradients_match_reference(batch, c_in, c_out, size, 
     x = torch.randn(batch, c_in, *size, requires_grad=True)
     weight = torch.randn(batch, c_out, c_in, kernel, kernel, kernel, requires_grad=True)
     bias = torch.randn(batch, c_out, requires_grad=True) if with_bias else None
-    y, y64, grads, grads64 = run_against_reference(per_sample_conv3d, per_sample_conv3d_reference,
-                                                   x, weight, bias, stride, padding)
+    y, y64, grads, grads64 = run_against_reference(per_sample_conv3d, per_sample_conv3d_reference, x, weight, bias, stride, padding)
     voxels_out = y.shape[2] * y.shape[3] * y.shape[4]
     assert y.shape == y64.shape and y.dtype == x.dtype
     assert_matches(y, y64, c_in * kernel**3)
@@ -71,14 +72,12 @@ TRANSPOSE_CASES = [
 
 
 @pytest.mark.parametrize("batch, c_in, c_out, size, kernel, stride, padding, with_bias", TRANSPOSE_CASES)
-def test_conv_transpose3d_forward_and_gradients_match_reference(batch, c_in, c_out, size, kernel, stride, padding,
-                                                                with_bias):
+def test_conv_transpose3d_forward_and_gradients_match_reference(batch, c_in, c_out, size, kernel, stride, padding, with_bias):
     torch.manual_seed(0)
     x = torch.randn(batch, c_in, *size, requires_grad=True)
     weight = torch.randn(batch, c_in, c_out, kernel, kernel, kernel, requires_grad=True)
     bias = torch.randn(batch, c_out, requires_grad=True) if with_bias else None
-    y, y64, grads, grads64 = run_against_reference(per_sample_conv_transpose3d, per_sample_conv_transpose3d_reference,
-                                                   x, weight, bias, stride, padding)
+    y, y64, grads, grads64 = run_against_reference(per_sample_conv_transpose3d, per_sample_conv_transpose3d_reference, x, weight, bias, stride, padding)
     taps = math.ceil(kernel / stride) ** 3
     voxels_in = size[0] * size[1] * size[2]
     assert y.shape == y64.shape and y.dtype == x.dtype
@@ -109,8 +108,7 @@ def test_half_precision_conv_transpose3d_accumulates_in_float32(dtype):
     x = torch.randn(2, 5, 3, 4, 3, dtype=dtype, requires_grad=True)
     weight = torch.randn(2, 5, 3, 4, 4, 4, dtype=dtype, requires_grad=True)
     bias = torch.randn(2, 3, dtype=dtype, requires_grad=True)
-    y, y64, grads, grads64 = run_against_reference(per_sample_conv_transpose3d, per_sample_conv_transpose3d_reference,
-                                                   x, weight, bias, 2, 1)
+    y, y64, grads, grads64 = run_against_reference(per_sample_conv_transpose3d, per_sample_conv_transpose3d_reference, x, weight, bias, 2, 1)
     assert y.dtype == dtype and all(g.dtype == dtype for g in grads)
     assert_matches(y, y64, 5 * 8)
     assert_matches(grads[0], grads64[0], 3 * 64)

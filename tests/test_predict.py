@@ -1,4 +1,5 @@
 """`hsort predict`: a label per image, in that image's own geometry, segmented in the chosen style."""
+
 import csv
 import shutil
 
@@ -9,9 +10,9 @@ import torch
 from cli_checks import assert_one_line_error
 from click.testing import CliRunner
 from dataset_writers import write_nifti
-from hypersort_core.cli.predict import predict
 from scipy.spatial.transform import Rotation
 
+from hypersort_core.cli.predict import predict
 from hypersort_core.config import ConfigError
 from hypersort_core.run import Run, load_run
 from hypersort_core.styles import choose_latent
@@ -69,8 +70,9 @@ def bright_voxel_model(monkeypatch):
     return windows
 
 
-@pytest.mark.parametrize("shape, radius_mm, several_windows", [((24, 20, 18), 10.0, True), ((10, 12, 9), 6.0, False)],
-                         ids=["larger than the ROI", "smaller than the ROI"])
+@pytest.mark.parametrize(
+    "shape, radius_mm, several_windows", [((24, 20, 18), 10.0, True), ((10, 12, 9), 6.0, False)], ids=["larger than the ROI", "smaller than the ROI"]
+)
 def test_label_keeps_the_inputs_geometry_and_lands_on_its_object(trained_run, bright_voxel_model, tmp_path, shape, radius_mm, several_windows):
     mask = write_oblique_image(tmp_path / "in" / "ct_0000.nii.gz", shape, radius_mm)
     result = run_predict(trained_run, tmp_path / "in" / "ct_0000.nii.gz", "--out", tmp_path / "out")

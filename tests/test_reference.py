@@ -1,5 +1,6 @@
 """The paper's public formulation has the reference's checkpoint structure, and our single head computes
 exactly its function once its per-tensor heads are stacked."""
+
 import json
 import math
 from pathlib import Path
@@ -37,8 +38,11 @@ def test_state_dict_has_the_reference_implementations_keys_and_shapes():
     with torch.device("meta"):
         state = ReferenceHyperNetwork(ModelConfig()).state_dict()
     mlp = [(f"hypernetwork.{i}.0.{p}", shape) for i, (a, b) in enumerate([(2, 50), (50, 50), (50, 50)]) for p, shape in [("weight", [b, a]), ("bias", [b])]]
-    heads = [(f"heads.{name.replace('.', ';')}.{p}", shape) for name, tensor_shape in unet_tensors
-             for p, shape in [("weight", [math.prod(tensor_shape), 50]), ("bias", [math.prod(tensor_shape)])]]
+    heads = [
+        (f"heads.{name.replace('.', ';')}.{p}", shape)
+        for name, tensor_shape in unet_tensors
+        for p, shape in [("weight", [math.prod(tensor_shape), 50]), ("bias", [math.prod(tensor_shape)])]
+    ]
     assert [(key, list(tensor.shape)) for key, tensor in state.items()] == mlp + heads
 
 

@@ -1,5 +1,6 @@
 """The pictures and pages of `hsort analyze`: slices with both contours, and self-contained HTML in
 which hostile case ids and file names stay text."""
+
 import base64
 import hashlib
 import html
@@ -34,7 +35,7 @@ SPACING = np.array([1.0, 1.0, 2.5])
 
 def box(start: tuple[int, int, int], size: int = 4) -> np.ndarray:
     mask = np.zeros(SHAPE, dtype=np.uint8)
-    mask[start[0]: start[0] + size, start[1]: start[1] + size, start[2]: start[2] + size] = 1
+    mask[start[0] : start[0] + size, start[1] : start[1] + size, start[2] : start[2] + size] = 1
     return mask
 
 

@@ -1,6 +1,7 @@
 """latent_map.html and report.html in a real browser: Debian's headless Chromium opens the pages of a
 run whose case ids are HTML, clicks a point (through the pages' own `#case=ID` link, which dispatches
 a click on that case's point) and the test reads the resulting DOM."""
+
 import json
 import shutil
 import subprocess
@@ -23,8 +24,18 @@ pytestmark = [
 
 HOSTILE_IDS = ("<img src=x onerror=alert(1)>", "a&b \"q\" 'x' <!--", "plain")  # file names: no '/'
 CHROMIUM_FLAGS = (
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--enable-logging=stderr", "--v=0", "--virtual-time-budget=3000", "--dump-dom",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--enable-logging=stderr",
+    "--v=0",
+    "--virtual-time-budget=3000",
+    "--dump-dom",
 )
 
 

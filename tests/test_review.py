@@ -1,4 +1,5 @@
 """`hsort review`: the local review server — what it serves, what it refuses, and how it records decisions."""
+
 import csv
 import http.client
 import json
@@ -74,10 +75,19 @@ def test_the_page_and_its_data_are_served_with_the_token(server):
     assert status == 200 and section["index"] == 5 and (section["rows"], section["columns"]) == (16, 16)
 
 
-@pytest.mark.parametrize("path", [
-    "/../../etc/passwd", "/%2e%2e/%2e%2e/etc/passwd", "//etc/passwd", "/etc/passwd", "/api/case?case=../../etc/passwd",
-    "/api/case?case=/etc/passwd", "/api/slice?case=%2Fetc%2Fpasswd&plane=axial&index=0", "/api/slice?case=synth_000&plane=../x&index=0",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/../../etc/passwd",
+        "/%2e%2e/%2e%2e/etc/passwd",
+        "//etc/passwd",
+        "/etc/passwd",
+        "/api/case?case=../../etc/passwd",
+        "/api/case?case=/etc/passwd",
+        "/api/slice?case=%2Fetc%2Fpasswd&plane=axial&index=0",
+        "/api/slice?case=synth_000&plane=../x&index=0",
+    ],
+)
 def test_paths_outside_the_run_are_refused(server, path):
     server, session = server
     separator = "&" if "?" in path else "?"
@@ -176,8 +186,13 @@ def test_a_run_without_a_ranking_is_one_line(trained_run, tmp_path):
 def test_hsort_review_serves_until_ctrl_c(analysed_run):
     """The command itself: it prints the address with its token, serves the page there, and Ctrl-C ends it cleanly."""
     hsort = Path(sys.executable).with_name("hsort")
-    process = subprocess.Popen([str(hsort), "review", str(analysed_run), "--no-browser", "--device", "cpu"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    process = subprocess.Popen(
+        [str(hsort), "review", str(analysed_run), "--no-browser", "--device", "cpu"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         address = re.search(r"http://127\.0\.0\.1:(\d+)/\?token=(\S+)", process.stdout.readline())
         assert address is not None

@@ -1,6 +1,7 @@
 """The review page in a real browser: Debian's headless Chromium, driven by Playwright (`executable_path`, so
 Playwright downloads no browser of its own). A curator scrolls slices, switches style, decides by keyboard
 and by mouse, reloads and finds the decisions kept; two tabs keep each other's; `hsort curate` applies them."""
+
 import csv
 import shutil
 import threading
@@ -129,7 +130,10 @@ def test_review_in_chromium_scroll_switch_style_decide_reload_and_curate(review_
 
     decisions = read_decisions(run_dir / "review.csv")
     assert {case: (d.decision, d.style) for case, d in decisions.items()} == {
-        order[0]: ("use_prediction", "cluster_0"), order[1]: ("exclude", ""), order[2]: ("hard_but_correct", "")}
+        order[0]: ("use_prediction", "cluster_0"),
+        order[1]: ("exclude", ""),
+        order[2]: ("hard_but_correct", ""),
+    }
     assert decisions[order[1]].note == "organ fully outside the label"
 
     result = CliRunner().invoke(curate, [str(run_dir), "--out", str(tmp_path / "curated"), "--quiet", "--device", "cpu"])

@@ -1,5 +1,6 @@
 """Thousands of cases: peak memory stays flat as the case count grows (the figures are in the README),
 and the prepared cases are reused by every later run with the same settings."""
+
 import json
 import subprocess
 import sys
@@ -11,8 +12,26 @@ from hypersort_core.data import make_synthetic_dataset
 
 TESTS = Path(__file__).parent
 # Tiny cases and a tiny UNet: what grows with the case count is the bookkeeping, which is what this measures.
-FIT = ["--preset", "small", "--base-channels", "2", "--levels", "1", "--convs-per-level", "1", "--roi", "16",
-       "--batch-size", "8", "--epochs", "1", "--workers", "2", "--no-analyze", "--quiet"]
+FIT = [
+    "--preset",
+    "small",
+    "--base-channels",
+    "2",
+    "--levels",
+    "1",
+    "--convs-per-level",
+    "1",
+    "--roi",
+    "16",
+    "--batch-size",
+    "8",
+    "--epochs",
+    "1",
+    "--workers",
+    "2",
+    "--no-analyze",
+    "--quiet",
+]
 # Measured on the 2-core CI machine: 200 -> 2,000 cases adds 15 MiB to the `hsort fit` process (the check and
 # the bookkeeping of 1,800 more cases; it added 37 MiB while latents.csv computed an N x N distance matrix)
 # and 3 MiB to the largest worker.

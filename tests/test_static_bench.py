@@ -1,4 +1,5 @@
 """`hsort bench --static` compiles every launch of a training step for sm_90 and reads its machine code."""
+
 import importlib.util
 import json
 import os
@@ -93,18 +94,27 @@ def _calibrate():
 
 def test_each_measured_layer_is_printed_beside_the_bound_of_its_own_launches():
     shape = {"transposed": False, "c_in": 8, "c_out": 8, "kernel": 3, "stride": 1, "padding": 1, "in_size": 16}
-    launches = [{"layer": layer, "role": role, "shape": shape, "issue_bound_s": seconds}
-                for layer in ("conv_0_0", "conv_0_1") for role, seconds in
-                [("forward", 1e-3), ("input-grad", 2e-3), ("weight-grad", 3e-3)]]
-    static = {"settings": {"batch": 2, "layers": None},
-              "dtypes": {"bfloat16": {"devices": {"H100": {"rows": launches, "totals": {"step_issue_bound_s": 0.05}}}}}}
-    bench = {"layer_shapes": [{"name": "conv 8→8 k3 s1 @16 (×2)", **{k: v for k, v in shape.items() if k != "in_size"}, "size": 16}],
-             "rows": [{"section": "layers", "case": "conv 8→8 k3 s1 @16 (×2)", "dtype": "bfloat16", "batch": 2, "mode": mode,
-                       "variant": variant, "median_s": 0.012} for mode in ("forward", "fwd+bwd") for variant in ("ours", "grouped")]
-                     + [{"section": "step", "case": "training step", "dtype": "bfloat16", "batch": 2, "mode": "step",
-                         "variant": "ours", "median_s": 0.1},
-                        {"section": "layers", "case": "conv 8→8 k3 s1 @16 (×2)", "dtype": "bfloat16", "batch": 4,
-                         "mode": "forward", "variant": "ours", "median_s": 0.02}]}
+    launches = [
+        {"layer": layer, "role": role, "shape": shape, "issue_bound_s": seconds}
+        for layer in ("conv_0_0", "conv_0_1")
+        for role, seconds in [("forward", 1e-3), ("input-grad", 2e-3), ("weight-grad", 3e-3)]
+    ]
+    static = {
+        "settings": {"batch": 2, "layers": None},
+        "dtypes": {"bfloat16": {"devices": {"H100": {"rows": launches, "totals": {"step_issue_bound_s": 0.05}}}}},
+    }
+    bench = {
+        "layer_shapes": [{"name": "conv 8→8 k3 s1 @16 (×2)", **{k: v for k, v in shape.items() if k != "in_size"}, "size": 16}],
+        "rows": [
+            {"section": "layers", "case": "conv 8→8 k3 s1 @16 (×2)", "dtype": "bfloat16", "batch": 2, "mode": mode, "variant": variant, "median_s": 0.012}
+            for mode in ("forward", "fwd+bwd")
+            for variant in ("ours", "grouped")
+        ]
+        + [
+            {"section": "step", "case": "training step", "dtype": "bfloat16", "batch": 2, "mode": "step", "variant": "ours", "median_s": 0.1},
+            {"section": "layers", "case": "conv 8→8 k3 s1 @16 (×2)", "dtype": "bfloat16", "batch": 4, "mode": "forward", "variant": "ours", "median_s": 0.02},
+        ],
+    }
     lines = _calibrate().bound_lines(static, bench)
     assert len(lines) == 3  # ours only, the static report's batch only
     assert "forward: measured 12 ms, static issue bound >= 1 ms on the H100 (measured / bound = 12.00)" in lines[0]

@@ -14,12 +14,12 @@ from hypersort_core.data import (
     DataError,
     PreprocessConfig,
     TrainingSet,
+    label_errors,
     make_synthetic_dataset,
     prepare_cases,
     read_dataset,
     select_labels,
 )
-from hypersort_core.data import label_errors
 from hypersort_core.data.label_errors import ERROR_KINDS
 from hypersort_core.data.synth import phantom
 
@@ -168,8 +168,7 @@ def test_phantoms_look_like_ct(tmp_path):
 def test_synthetic_dataset_prepares_into_training_items(tmp_path):
     out = make_synthetic_dataset(tmp_path / "synth", cases=3, size=16)
     dataset = read_dataset(out)
-    prepared = prepare_cases(dataset, select_labels(dataset, "organ"), PreprocessConfig(roi=(12, 12, 12)),
-                             tmp_path / "cache", progress=False)
+    prepared = prepare_cases(dataset, select_labels(dataset, "organ"), PreprocessConfig(roi=(12, 12, 12)), tmp_path / "cache", progress=False)
     item = TrainingSet(prepared)[0]
     assert item["image"].shape == (1, 12, 12, 12) and set(item["label"].unique().tolist()) == {0, 1}
 

@@ -1,4 +1,5 @@
 """`fit` writes the run folder it promises and continues exactly where a checkpoint left off."""
+
 import csv
 import json
 
@@ -72,7 +73,9 @@ def test_a_time_budget_stops_mid_epoch_and_resume_finishes_the_same_epoch(datase
     straight = fit(dataset, tmp_path / "straight", tiny_config(epochs=3), progress=False)
     resumed = fit(dataset, tmp_path / "run", tiny_config(epochs=3), resume=True, progress=False)
     assert resumed.stopped is None
-    np.testing.assert_allclose(read_latents_csv(resumed.run_dir / "latents.csv")[1], read_latents_csv(straight.run_dir / "latents.csv")[1], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        read_latents_csv(resumed.run_dir / "latents.csv")[1], read_latents_csv(straight.run_dir / "latents.csv")[1], rtol=1e-5, atol=1e-7
+    )
 
 
 def test_fewer_cases_than_the_batch_size_still_trains(tmp_path):

@@ -1,5 +1,6 @@
 """Faults a user can cause (issue 14): each is one line naming the path and the cause, exit code 2 (or the
 signal's 128 + N), and nothing already on disk is lost.  Real processes and real signals where it matters."""
+
 import errno
 import gzip
 import io
@@ -16,15 +17,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from cli_checks import assert_one_line_error, logged_epochs, wait_for
+from click.testing import CliRunner
 from dataset_writers import phantom, write_nifti
-from hypersort_core.cli.main import main as hsort_main
 from tiny_runs import tiny_config
 
 import hypersort_core.checkpoint
 import hypersort_core.train
 from hypersort_core.checkpoint import load_checkpoint
+from hypersort_core.cli.main import main as hsort_main
 from hypersort_core.data import DataError, PreprocessConfig, TrainingSet, prepare_cases, read_dataset, select_labels
 from hypersort_core.data.cache import DamagedArray, load_array, output_file_name, safe_file_stem
 from hypersort_core.faults import describe_os_error, os_error_of
@@ -105,8 +106,9 @@ def test_a_real_full_tmpfs_as_the_run_folder_is_one_line(dataset, tmp_path):
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True).returncode:
         pytest.skip("mount -t tmpfs is not permitted here")
     try:
-        process = subprocess.run(command("fit", dataset, "--out", disk / "run", *TINY_FIT, "--epochs", 2, "--no-analyze"),
-                                 capture_output=True, text=True, timeout=600)
+        process = subprocess.run(
+            command("fit", dataset, "--out", disk / "run", *TINY_FIT, "--epochs", 2, "--no-analyze"), capture_output=True, text=True, timeout=600
+        )
         assert process.returncode == 2, process.stderr
         assert "Traceback" not in process.stderr
         last = process.stderr.strip().splitlines()[-1]  # 2 MB hold the epoch's outputs, not the 17 MB checkpoint
@@ -196,8 +198,9 @@ def _synth(tmp_path: Path) -> Path:
 
 def signalled_fit(dataset, run, *signals: signal.Signals) -> tuple[int, str]:
     """A long `hsort fit`, sent `signals` at once after its first epoch: its exit code and stderr."""
-    process = subprocess.Popen(command("fit", dataset, "--out", run, *TINY_FIT, "--epochs", 500, "--checkpoint-every", 1000),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command("fit", dataset, "--out", run, *TINY_FIT, "--epochs", 500, "--checkpoint-every", 1000), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         wait_for(lambda: len(logged_epochs(run)) >= 1 or process.poll() is not None)
         for number in signals:
@@ -259,8 +262,13 @@ def slow_to_prepare(tmp_path_factory):
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_while_workers_prepare_the_cases_leaves_no_process_behind(slow_to_prepare, tmp_path, signum, code):
     env = {**os.environ, "HSORT_CACHE": str(tmp_path / "cache")}
-    process = subprocess.Popen(command("fit", slow_to_prepare, "--out", tmp_path / "run", *TINY_FIT, "--workers", 2, "--epochs", 1),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    process = subprocess.Popen(
+        command("fit", slow_to_prepare, "--out", tmp_path / "run", *TINY_FIT, "--workers", 2, "--epochs", 1),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         wait_for(lambda: len(descendants(process.pid)) >= 3 or process.poll() is not None, timeout=120)  # forkserver and 2 workers
         helpers = descendants(process.pid)
@@ -386,8 +394,9 @@ needs_setpriv = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpri
 def test_fit_into_a_read_only_parent_folder_is_one_line(dataset, tmp_path):
     parent = tmp_path / "locked"
     parent.mkdir(mode=0o555)
-    process = subprocess.run([*SETPRIV, *command("fit", dataset, "--out", parent / "run", *TINY_FIT, "--epochs", 1)],
-                             capture_output=True, text=True, timeout=600)
+    process = subprocess.run(
+        [*SETPRIV, *command("fit", dataset, "--out", parent / "run", *TINY_FIT, "--epochs", 1)], capture_output=True, text=True, timeout=600
+    )
     assert process.returncode == 2, process.stderr
     lines = process.stderr.strip().splitlines()
     assert "Traceback" not in process.stderr
@@ -427,8 +436,9 @@ def test_predict_into_a_read_only_parent_folder_is_one_line(trained_run, tmp_pat
     path = write_nifti(tmp_path / "in" / "scan.nii.gz", image)
     parent = tmp_path / "locked"
     parent.mkdir(mode=0o555)
-    process = subprocess.run([*SETPRIV, *command("predict", trained_run, path, "--out", parent / "out", "--quiet")],
-                             capture_output=True, text=True, timeout=600)
+    process = subprocess.run(
+        [*SETPRIV, *command("predict", trained_run, path, "--out", parent / "out", "--quiet")], capture_output=True, text=True, timeout=600
+    )
     assert process.returncode == 2, process.stderr
     assert process.stderr.strip() == f"hsort: error: {parent / 'out'}: permission denied"
 

@@ -1,4 +1,5 @@
 """A CPU-second-sized training configuration, for tests that need a real run folder."""
+
 from dataclasses import replace
 
 from hypersort_core.config import TrainConfig

@@ -8,6 +8,7 @@ memorise, as the paper's runs on hundreds of CTs with random ROIs could not.  No
 are different anatomy.  Draws use torch's global generator, so seeding torch (and the checkpointed
 random state) makes them reproducible.
 """
+
 from __future__ import annotations
 
 import math

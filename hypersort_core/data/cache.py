@@ -309,12 +309,10 @@ def safe_file_stem(case_id: str) -> str:
     plain = "".join(character if character.isalnum() or character in "-_" else "_" for character in case_id)
     if plain == case_id and len(case_id.encode()) <= MAX_ID_BYTES_IN_NAMES and not case_id.startswith("-"):
         return case_id
-    return f"{plain[:MAX_ID_BYTES_IN_NAMES // 2]}~{hashlib.sha256(case_id.encode()).hexdigest()[:12]}"
+    return f"{plain[: MAX_ID_BYTES_IN_NAMES // 2]}~{hashlib.sha256(case_id.encode()).hexdigest()[:12]}"
 
 
-def record_case(
-    case: Case, declared_values, selection: LabelSelection, config: PreprocessConfig, folder: Path, volume: LabelledVolume | None = None
-) -> None:
+def record_case(case: Case, declared_values, selection: LabelSelection, config: PreprocessConfig, folder: Path, volume: LabelledVolume | None = None) -> None:
     """Prepare one case into the cache and write its record last (a finished entry, or its problem).
     `volume`: the case already read and checked (`hsort fit` checks and prepares each case in one read)."""
     record_file = record_path(case, selection, folder)
@@ -364,12 +362,14 @@ def prepared_record(case: Case, volume: LabelledVolume, config: PreprocessConfig
 
 def settings_hash(dataset: Dataset, selection: LabelSelection, config: PreprocessConfig) -> str:
     declared = dataset.declared_values
-    return digest({
-        "format": CACHE_FORMAT,
-        "config": config.to_dict(),
-        "selection": asdict(selection),
-        "declared_values": sorted(declared) if declared is not None else None,
-    })
+    return digest(
+        {
+            "format": CACHE_FORMAT,
+            "config": config.to_dict(),
+            "selection": asdict(selection),
+            "declared_values": sorted(declared) if declared is not None else None,
+        }
+    )
 
 
 def file_stamp(path: Path) -> list:

@@ -12,6 +12,7 @@ generator, and returns the wrong label and the parameters it used (for perturbat
 A style is a protocol followed for a whole subset of cases: `neighbour` includes the adjacent
 structure in every label, `coarse` draws contours on a grid three times coarser.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -137,7 +137,7 @@ def read_msd(root: Path) -> Dataset:
     require_single_channel(meta, meta_file)
     training = meta.get("training")
     if not isinstance(training, list):
-        raise DataError(meta_file, "'training' must be a list of {\"image\", \"label\"} entries")
+        raise DataError(meta_file, '\'training\' must be a list of {"image", "label"} entries')
     cases = []
     for number, entry in enumerate(training, start=1):
         if not isinstance(entry, dict) or not all(isinstance(entry.get(key), str) for key in ("image", "label")):
@@ -151,28 +151,17 @@ def read_msd(root: Path) -> Dataset:
 
 def nnunet_v1_image(listed: Path, case_id: str) -> Path:
     """nnU-Net v1 lists imagesTr/{case}.nii.gz in this format but names the file {case}_0000.nii.gz."""
-    channel_zero = listed.with_name(f"{case_id}_0000{listed.name[len(case_id):]}")
+    channel_zero = listed.with_name(f"{case_id}_0000{listed.name[len(case_id) :]}")
     return channel_zero if not listed.exists() and channel_zero.exists() else listed
 
 
 def read_totalsegmentator(root: Path) -> Dataset:
     """TotalSegmentator: {subject}/ct.nii.gz and one binary mask per structure in segmentations/."""
-    subjects = [
-        folder for folder in subfolders(root)
-        if (folder / "ct.nii.gz").is_file() or (folder / "segmentations").is_dir()
-    ]
-    structures = sorted({
-        mask.name[: -len(".nii.gz")]
-        for subject in subjects
-        for mask in files_ending(subject / "segmentations", ".nii.gz")
-    })
+    subjects = [folder for folder in subfolders(root) if (folder / "ct.nii.gz").is_file() or (folder / "segmentations").is_dir()]
+    structures = sorted({mask.name[: -len(".nii.gz")] for subject in subjects for mask in files_ending(subject / "segmentations", ".nii.gz")})
     if not structures:
         raise DataError(root, "no segmentations/*.nii.gz masks found in the subject folders")
-    cases = [
-        Case(subject.name, subject / "ct.nii.gz",
-             {name: subject / "segmentations" / f"{name}.nii.gz" for name in structures})
-        for subject in subjects
-    ]
+    cases = [Case(subject.name, subject / "ct.nii.gz", {name: subject / "segmentations" / f"{name}.nii.gz" for name in structures}) for subject in subjects]
     label_names = {name: value for value, name in enumerate(structures, start=1)}
     return Dataset(root, "totalsegmentator", cases, label_names)
 
@@ -221,11 +210,7 @@ def read_subject_splits(meta: Path) -> dict[str, str]:
             found = ", ".join(rows[0])
             raise DataError(meta, f"has no {column} column (found: {found}); --split needs image_id and split")
     subject_at, split_at = header.index("image_id"), header.index("split")
-    return {
-        row[subject_at].strip(): row[split_at].strip()
-        for row in rows[1:]
-        if len(row) > max(subject_at, split_at) and row[subject_at].strip()
-    }
+    return {row[subject_at].strip(): row[split_at].strip() for row in rows[1:] if len(row) > max(subject_at, split_at) and row[subject_at].strip()}
 
 
 def read_folders(root: Path) -> Dataset:
@@ -250,7 +235,7 @@ def read_manifest(root: Path) -> Dataset:
     if manifest.suffix.lower() not in DATA_LIST_SUFFIXES:
         raise DataError(manifest, "is a file but not a .tsv, .csv or .txt data list")
     rows = read_table(manifest)
-    columns = {name.strip().lower(): name for name in rows[0].keys()}
+    columns = {name.strip().lower(): name for name in rows[0]}
     image_column = first_present(columns, ("datapath", "image"))
     label_column = first_present(columns, ("labelpath", "label"))
     case_column = first_present(columns, ("case", "case_id"))
@@ -331,10 +316,7 @@ def single_manifest(folder: Path) -> Path:
 
 
 def manifest_files(folder: Path) -> list[Path]:
-    return sorted(
-        file for file in folder.iterdir()
-        if file.is_file() and file.suffix.lower() in MANIFEST_SUFFIXES and file.name not in NOT_MANIFESTS
-    )
+    return sorted(file for file in folder.iterdir() if file.is_file() and file.suffix.lower() in MANIFEST_SUFFIXES and file.name not in NOT_MANIFESTS)
 
 
 def parse_label_names(meta: dict, meta_file: Path) -> dict[str, int]:
@@ -409,10 +391,7 @@ def files_ending(folder: Path, endings: str | tuple[str, ...]) -> list[Path]:
     """Files with one of the endings, skipping hidden ones (such as macOS's ._ copies)."""
     if not folder.is_dir():
         return []
-    return sorted(
-        file for file in folder.iterdir()
-        if file.name.endswith(endings) and not file.name.startswith(".") and file.is_file()
-    )
+    return sorted(file for file in folder.iterdir() if file.name.endswith(endings) and not file.name.startswith(".") and file.is_file())
 
 
 def subfolders(root: Path) -> list[Path]:

@@ -3,6 +3,7 @@
 nibabel is imported where a file is opened, not at import: the model, the training step and the
 benchmarks then import without it (the GPU machines' image has no nibabel).
 """
+
 from __future__ import annotations
 
 import math
@@ -53,9 +54,7 @@ def read_case(case: Case, selection: LabelSelection, declared_values: set[int] |
     image_nifti = open_nifti(case.image, f"image file is missing for case {case.case_id!r}")
     shape = spatial_shape(image_nifti, case.image)
     check_affine(image_nifti.affine, shape, case.image)
-    label_niftis = {
-        path: open_aligned_label(path, shape, image_nifti.affine, case.image) for path in label_files(case, selection)
-    }
+    label_niftis = {path: open_aligned_label(path, shape, image_nifti.affine, case.image) for path in label_files(case, selection)}
     image = read_finite_image(image_nifti, case.image)
     if isinstance(case.label, dict):
         classes = structure_classes(label_niftis, selection, shape)
@@ -74,9 +73,7 @@ def read_finite_image(nifti: nib.spatialimages.SpatialImage, path: Path) -> np.n
     return image
 
 
-def structure_classes(
-    masks: dict[Path, nib.spatialimages.SpatialImage], selection: LabelSelection, shape: tuple[int, ...]
-) -> np.ndarray:
+def structure_classes(masks: dict[Path, nib.spatialimages.SpatialImage], selection: LabelSelection, shape: tuple[int, ...]) -> np.ndarray:
     """TotalSegmentator masks in selection order as classes 1..K, or their union as class 1."""
     classes = np.zeros(shape, dtype=np.uint8)
     for number, (path, nifti) in enumerate(masks.items(), start=1):
@@ -97,9 +94,7 @@ def label_files(case: Case, selection: LabelSelection) -> list[Path]:
     return [case.label[structure] for structure in structures]
 
 
-def open_aligned_label(
-    path: Path, shape: tuple[int, ...], affine: np.ndarray, image_path: Path
-) -> nib.spatialimages.SpatialImage:
+def open_aligned_label(path: Path, shape: tuple[int, ...], affine: np.ndarray, image_path: Path) -> nib.spatialimages.SpatialImage:
     """A label file, after checking from its header that it lies on the image's grid."""
     nifti = open_nifti(path, f"label file is missing for image {image_path}")
     label_shape = spatial_shape(nifti, path)
@@ -146,8 +141,7 @@ def check_label_values(label_map: np.ndarray, declared_values: set[int] | None, 
         if len(undeclared):
             raise DataError(
                 path,
-                f"label values {format_values(undeclared)} are not declared in "
-                f"dataset.json (declared: {format_values(sorted(declared_values))})",
+                f"label values {format_values(undeclared)} are not declared in dataset.json (declared: {format_values(sorted(declared_values))})",
             )
     elif np.issubdtype(label_map.dtype, np.floating):
         fractional = values[values != np.round(values)]
