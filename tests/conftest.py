@@ -1,7 +1,13 @@
 import os
+import signal
 import tempfile
 
 import torch
+
+# A test run started as a background job (`cmd &` in a script, as some CI runners do) inherits SIGINT ignored, and
+# so would every `hsort` the tests start; the Ctrl-C tests need it delivered, so the children get the default back.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Prepared cases go to a cache shared across runs (~/.cache/hypersort by default): never the user's in tests.
 os.environ["HSORT_CACHE"] = tempfile.mkdtemp(prefix="hsort-test-cache-")
