@@ -224,6 +224,19 @@ class LayerShape:
         return elements * batch * element_size
 
 
+def conv_shape(module: nn.Conv3d | nn.ConvTranspose3d, x: torch.Tensor) -> LayerShape:
+    """The shape of a UNet conv as a forward hook meets it (cubic kernels, strides, paddings and inputs)."""
+    return LayerShape(
+        isinstance(module, nn.ConvTranspose3d),
+        module.in_channels,
+        module.out_channels,
+        module.kernel_size[0],
+        module.stride[0],
+        module.padding[0],
+        x.shape[2],
+    )
+
+
 def unet_layer_shapes(config: ModelConfig, size: int) -> list[LayerShape]:
     """The distinct conv shapes of the UNet at ROI size^3, in the order its forward pass meets them.
 
@@ -233,15 +246,7 @@ def unet_layer_shapes(config: ModelConfig, size: int) -> list[LayerShape]:
     counts: dict[LayerShape, int] = {}
 
     def record(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        shape = LayerShape(
-            isinstance(module, nn.ConvTranspose3d),
-            module.in_channels,
-            module.out_channels,
-            module.kernel_size[0],
-            module.stride[0],
-            module.padding[0],
-            inputs[0].shape[2],
-        )
+        shape = conv_shape(module, inputs[0])
         counts[shape] = counts.get(shape, 0) + 1
 
     with torch.device("meta"):

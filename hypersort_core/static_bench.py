@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from hypersort_core.atomic import atomic_write_text
+from hypersort_core.benchmark import conv_shape
 from hypersort_core.config import PRESETS, ConfigError
 from hypersort_core.kernels._dispatch import interpreting
 from hypersort_core.kernels.conv_shapes import conv_output_size
@@ -155,18 +156,9 @@ def unet_layers(config: ModelConfig, size: int) -> list[Layer]:
 
     def recorder(name: str):
         def record(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            shape = conv_shape(module, inputs[0])
             layers.append(
-                Layer(
-                    name,
-                    isinstance(module, nn.ConvTranspose3d),
-                    module.in_channels,
-                    module.out_channels,
-                    module.kernel_size[0],
-                    module.stride[0],
-                    module.padding[0],
-                    inputs[0].shape[2],
-                    needs_input_grad=bool(layers),
-                )
+                Layer(name, shape.transposed, shape.c_in, shape.c_out, shape.kernel, shape.stride, shape.padding, shape.size, needs_input_grad=bool(layers))
             )
 
         return record
