@@ -31,11 +31,13 @@ def reports_bad_input(command):
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        from hypersort_core.faults import Terminated, describe_os_error, exit_code_of_signal, os_error_of, sigterm_raises
+        from hypersort_core.faults import MainProcessStopped, Terminated, describe_os_error, exit_code_of_signal, os_error_of, sigterm_raises
 
         try:
             with sigterm_raises():
                 return command(*args, **kwargs)
+        except MainProcessStopped:
+            sys.exit(0)  # rank 0 prints the error and returns its exit code; failing here first would hide it
         except _bad_input_errors() as error:
             _fail(str(error))
         except (click.exceptions.ClickException, click.exceptions.Abort, click.exceptions.Exit):

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from hypersort_core.config import ConfigError
+from hypersort_core.faults import MainProcessStopped
 
 # Rank 0 checks and preprocesses a large dataset while the others wait at the first collective; that
 # can take far longer than PyTorch's default of 10 minutes.
@@ -70,6 +71,21 @@ class World:
     def barrier(self) -> None:
         if self.size > 1:
             dist.barrier()
+
+    @contextlib.contextmanager
+    def main_process_work(self) -> Iterator[None]:
+        """A block in which rank 0 does what the others wait for (picks the checkpoint, writes one), left by
+        all processes together.  When rank 0 fails in it, the others stop with MainProcessStopped instead of
+        failing on the broken connection a moment later, perhaps first, which would make torchrun report them."""
+        try:
+            yield
+        except Exception as error:
+            if self.is_main and self.size > 1:
+                self.broadcast(f"process 0 stopped: {error}")
+            raise
+        failure = self.broadcast(None)
+        if failure is not None:
+            raise MainProcessStopped(failure)
 
     def device(self, name: str) -> torch.device:
         """The device this process trains on: its own GPU (by local rank) on CUDA."""

@@ -4,6 +4,7 @@ signal): recognised wherever they come from, so that every command reports them 
 Foreign code wraps some of them: torch's zip writer turns the OSError of a failed write (ENOSPC above
 all) into `RuntimeError: [enforce fail at inline_container.cc...] unexpected pos`, with the OSError as
 its context.  `os_error_of` finds the OSError behind such a wrapper; `describe_os_error` words it.
+With several training processes, rank 0's failure is the others' fault: `MainProcessStopped`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,11 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+
+
+class MainProcessStopped(RuntimeError):
+    """Under torchrun: rank 0 failed (and reports why); this process stops with it, with nothing of its own to report."""
+
 
 NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # Messages of foreign exceptions that only wrap an OSError raised while they wrote or read a file.

@@ -180,7 +180,10 @@ def build_optimizers(model: HyperSORT, config: TrainConfig, device: torch.device
 
 def _resume_payload(run_dir: Path, world: World) -> dict:
     """The checkpoint to continue from: rank 0 picks it (setting a damaged one aside), the others read the same file."""
-    found = resume_latest_checkpoint(run_dir) if world.is_main else None
+    found = None
+    with world.main_process_work():
+        if world.is_main:
+            found = resume_latest_checkpoint(run_dir)
     chosen = world.broadcast(found[1] if found else None)
     return found[0] if found else load_checkpoint(chosen)
 
@@ -568,10 +571,10 @@ class _RunFolderWriter:
         world = self.trainer.world
         self.state.elapsed_seconds = self.clock.elapsed()
         rng = world.gather(rng_state())
-        if world.is_main:
-            _check_run_folder(self.run_dir)
-            save_checkpoint(self.run_dir, self.trainer.model, self.trainer.optimizers, self.state, rng)
-        world.barrier()
+        with world.main_process_work():
+            if world.is_main:
+                _check_run_folder(self.run_dir)
+                save_checkpoint(self.run_dir, self.trainer.model, self.trainer.optimizers, self.state, rng)
 
     def save_progress(self) -> None:
         """A checkpoint and the per-epoch files, when training stops mid-epoch."""

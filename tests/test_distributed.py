@@ -158,6 +158,15 @@ def test_a_process_that_fails_is_one_line_and_its_exit_code(two_process_run, syn
     assert len(errors) == 1 and errors[0].startswith("hsort: error: ") and "no checkpoint" in errors[0]
 
 
+def test_when_process_0_fails_where_the_others_wait_its_line_and_exit_code_are_all_there_is():
+    """The others stop quietly instead of failing first on the broken connection (which made torchrun report them)."""
+    launcher = "import sys; from hypersort_core.distributed import launch; sys.exit(launch(2, ['fails_on_rank_0_while_others_wait'], {}))"
+    result = subprocess.run([sys.executable, "-c", launcher], cwd=TESTS, env=single_process_environment(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert [line for line in result.stderr.splitlines() if line.strip()] == ["hsort: error: run/checkpoint.pt: no checkpoint to resume from"]
+    assert "went on" not in result.stdout
+
+
 def test_when_another_process_fails_first_its_output_is_shown_and_its_exit_code_returned():
     """Ranks other than 0 write into log files (rank 0 alone prints); the first to fail is shown."""
     launcher = "import sys; from hypersort_core.distributed import launch; sys.exit(launch(2, ['fails_on_rank_1'], {}))"
