@@ -1,14 +1,24 @@
 """Before training: the time per epoch and the peak memory of a run, measured rather than computed.
 
 One real training step (forward, backward and both optimizers, at the run's ROI and batch, on its device)
-is timed, and the memory it takes is watched while it runs: on CUDA PyTorch's own peak counter, on the CPU
-the process's resident memory, sampled.  A step too large for the machine is not taken: two small steps
-first (a quarter and half the ROI's side) give the memory a step needs per voxel, and the run is refused
-when the full step would exceed the free memory, before it is taken and before training starts.
+is timed, and the memory it takes is watched while it runs.  A step too large for the machine is not taken:
+two smaller steps first (a quarter and half the ROI's side) give the memory the backward pass needs per
+voxel, and the run is refused when the full step would exceed the free memory, before it is taken.
+
+The peak of a step is the larger of two phases: the end of the backward pass (the activations, which grow
+with the voxels) and the optimizer step (Adam's temporaries for the hyper-network's head, which do not).
+Small steps peak in the second, large ones in the first; so the probes measure the backward pass alone
+(up to the optimizers' step) in *allocated* bytes, which, unlike resident memory, fall when memory is freed:
+PyTorch's counters on CUDA, glibc's `mallinfo2` on the CPU.  Measured on the 2-core machine (paper preset,
+B = 2): the backward pass allocates 4.2 KiB per voxel, on a line through 40³ and 80³ that gives 104³ within
+0.2 %; the 40³ and 80³ steps' resident peaks had put the 168³ step at 12.4 GiB, the line puts it at 23 GiB.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import math
 import os
 import threading
@@ -25,14 +35,12 @@ from hypersort_core.device import resolve_device
 from hypersort_core.model import HyperSORT
 from hypersort_core.train import Trainer, build_optimizers, train_step
 
-# On the CPU the smaller steps' resident memory under-predicts the full step: the allocator keeps what earlier steps
-# freed, and the peak moves from the optimizer step to the backward pass as the ROI grows.  Measured on the 2-core,
-# 24 GB machine (paper preset, B = 2): the line through 40³ and 80³ predicted 12.4 GiB at 168³, and the step was
-# killed for memory at 24.4 GB.  Until the probes measure allocations rather than resident memory, the prediction
-# that decides whether the full step may run is doubled there.
-CPU_UNDER_PREDICTION = 2.0
 GIB = 2**30
-SAMPLE_SECONDS = 0.005  # how often the CPU's resident memory is read during a step
+# The full step is taken only when its predicted peak, with this margin, fits: a step that does not fit kills the
+# process.  On the 2-core machine the prediction fell short of the step's resident peak by at most 15 % (small preset,
+# 64³, batch 2: the allocator keeps more of what it freed), and was 5 % and 1 % over for the paper preset at 104³ and 128³.
+PREDICTION_MARGIN = 1.25
+SAMPLE_SECONDS = 0.005  # how often the CPU's memory is read during a step
 
 
 @dataclass
@@ -65,7 +73,7 @@ class Estimate:
         if self.available_bytes is not None:
             memory += f" of {self.available_bytes / GIB:.1f} GiB free"
         if self.step_seconds is None:
-            return f"estimated {memory} on {self.device} (from smaller steps; the full step was not taken)"
+            return f"estimated {memory} on {self.device} (from smaller steps, with a {PREDICTION_MARGIN - 1:.0%} margin; the full step was not taken)"
         epoch = self.steps_per_epoch * self.step_seconds
         return f"estimated time per epoch on {self.device}: {format_duration(epoch)} ({self.steps_per_epoch} steps of {self.step_seconds:.2g} s); {memory}"
 
@@ -86,24 +94,34 @@ def estimate_training(config: TrainConfig, cases: int, device: torch.device, pro
     trainer = Trainer(model, build_optimizers(model, config, device), config, device)
     available = free_memory(device)
 
-    def step(roi: tuple[int, ...]) -> tuple[float, float]:
-        return measured_step(trainer, roi)
-
     smallest = 2 * config.model.size_multiple
-    step((smallest,) * 3)  # optimizer states and one-time set-up, before anything is measured
+    measured_step(trainer, (smallest,) * 3)  # optimizer states and one-time set-up, before anything is measured
     probes = [scaled_roi(config.preprocess.roi, fraction, config.model.size_multiple, smallest) for fraction in (0.25, 0.5)]
-    (_, small_peak), (_, large_peak) = step(probes[0]), step(probes[1])
-    predicted = extrapolate(math.prod(probes[0]), small_peak, math.prod(probes[1]), large_peak, math.prod(config.preprocess.roi))
-    if device.type == "cpu":
-        predicted *= CPU_UNDER_PREDICTION
+    small, large = (measured_step(trainer, roi) for roi in probes)
+    predicted = PREDICTION_MARGIN * predicted_peak(math.prod(probes[0]), small, math.prod(probes[1]), large, math.prod(config.preprocess.roi))
     if available is not None and predicted > available:
         return Estimate(device_name(device), steps, predicted, available, None)
-    seconds, peak = step(config.preprocess.roi)
-    return Estimate(device_name(device), steps, peak, available, seconds)
+    full = measured_step(trainer, config.preprocess.roi)
+    return Estimate(device_name(device), steps, full.peak, available, full.seconds)
 
 
-def measured_step(trainer: Trainer, roi: tuple[int, ...]) -> tuple[float, float]:
-    """Seconds and peak memory (bytes) of one training step on a random batch of this ROI."""
+@dataclass(frozen=True)
+class StepMemory:
+    """One measured training step: its time, its peak (resident on the CPU, reserved on CUDA), and its allocations."""
+
+    seconds: float
+    peak: float
+    allocated_before: float  # when the step began: weights, gradients, optimizer states
+    backward_peak: float  # allocated, at most, up to the optimizers' step: the activations on top of the above
+    allocated_peak: float  # allocated, at most, in the whole step
+
+    @property
+    def backward_growth(self) -> float:
+        return self.backward_peak - self.allocated_before
+
+
+def measured_step(trainer: Trainer, roi: tuple[int, ...]) -> StepMemory:
+    """One training step on a random batch of this ROI, timed and with its memory watched."""
     config, device = trainer.config, trainer.device
     batch = {
         "index": torch.arange(config.batch_size) % trainer.model.latents.num_embeddings,
@@ -111,12 +129,24 @@ def measured_step(trainer: Trainer, roi: tuple[int, ...]) -> tuple[float, float]
         "label": torch.randint(0, config.model.out_channels, (config.batch_size, *roi)),
     }
     with PeakMemory(device) as memory:
+        hooks = [optimizer.register_step_pre_hook(memory.mark_backward_end) for optimizer in trainer.optimizers.values()]
         start = time.perf_counter()
         train_step(trainer, batch)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
-    return seconds, memory.peak
+    for hook in hooks:
+        hook.remove()
+    return StepMemory(seconds, memory.peak, memory.allocated_before, memory.backward_peak, memory.allocated_peak)
+
+
+def predicted_peak(small_voxels: int, small: StepMemory, large_voxels: int, large: StepMemory, voxels: int) -> float:
+    """The peak of a step of `voxels`: its backward pass on the line through two smaller ones, plus what the
+    device holds beyond the allocations (resident libraries and freed memory kept; CUDA's cache), or the larger
+    step's own peak where the optimizer's phase dominates."""
+    growth = extrapolate(small_voxels, small.backward_growth, large_voxels, large.backward_growth, voxels)
+    held_beyond_allocations = max(0.0, large.peak - large.allocated_peak)
+    return max(large.peak, large.allocated_before + growth + held_beyond_allocations)
 
 
 def scaled_roi(roi: tuple[int, ...], fraction: float, multiple: int, smallest: int) -> tuple[int, ...]:
@@ -124,28 +154,33 @@ def scaled_roi(roi: tuple[int, ...], fraction: float, multiple: int, smallest: i
     return tuple(max(smallest, round(side * fraction / multiple) * multiple) for side in roi)
 
 
-def extrapolate(small_voxels: int, small_peak: float, large_voxels: int, large_peak: float, voxels: int) -> float:
-    """The peak at `voxels`, on the line through two measured steps (activations grow with the voxels)."""
+def extrapolate(small_voxels: int, small_value: float, large_voxels: int, large_value: float, voxels: int) -> float:
+    """The value at `voxels` on the line through two measured steps (never falling as the voxels grow)."""
     if large_voxels == small_voxels:
-        return large_peak
-    per_voxel = max(0.0, (large_peak - small_peak) / (large_voxels - small_voxels))
-    return large_peak + per_voxel * (voxels - large_voxels)
+        return large_value
+    per_voxel = max(0.0, (large_value - small_value) / (large_voxels - small_voxels))
+    return large_value + per_voxel * (voxels - large_voxels)
 
 
 class PeakMemory:
-    """The peak memory of a block: on CUDA, PyTorch's counter of the device's allocations; on the CPU, the
-    process's resident memory, read every few milliseconds by a thread (PyTorch's CPU allocations have no counter)."""
+    """The memory of a block: the peak it reached (resident on the CPU, reserved by PyTorch on CUDA) and its
+    allocations, at the start and at most up to `mark_backward_end`.  On CUDA PyTorch counts; on the CPU a
+    thread reads the process's memory every few milliseconds (PyTorch keeps no count of CPU allocations)."""
 
     def __init__(self, device: torch.device):
-        self.device, self.peak = device, 0.0
+        self.device = device
+        self.peak = self.allocated_peak = self.allocated_before = 0.0
+        self.backward_peak: float | None = None
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.allocated_before = float(torch.cuda.memory_allocated(self.device))
             return self
-        self.done = threading.Event()
+        self.allocated_before = self.allocated_peak = allocated_bytes()
         self.peak = resident_bytes()
+        self.done = threading.Event()
         self.thread = threading.Thread(target=self.sample, daemon=True)
         self.thread.start()
         return self
@@ -153,14 +188,56 @@ class PeakMemory:
     def __exit__(self, *_) -> None:
         if self.device.type == "cuda":
             self.peak = float(torch.cuda.max_memory_reserved(self.device))
-            return
-        self.done.set()
-        self.thread.join()
-        self.peak = max(self.peak, resident_bytes())
+            self.allocated_peak = float(torch.cuda.max_memory_allocated(self.device))
+        else:
+            self.done.set()
+            self.thread.join()
+            self.sample_once()
+        if self.backward_peak is None:
+            self.backward_peak = self.allocated_peak
+
+    def mark_backward_end(self, *_) -> None:
+        """An optimizer step begins: the allocations so far were the forward and backward passes'."""
+        if self.backward_peak is None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+                self.allocated_peak = float(torch.cuda.max_memory_allocated(self.device))
+            else:
+                self.sample_once()
+            self.backward_peak = self.allocated_peak
 
     def sample(self) -> None:
         while not self.done.wait(SAMPLE_SECONDS):
-            self.peak = max(self.peak, resident_bytes())
+            self.sample_once()
+
+    def sample_once(self) -> None:
+        self.peak = max(self.peak, resident_bytes())
+        self.allocated_peak = max(self.allocated_peak, allocated_bytes())
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+@functools.cache
+def _mallinfo2():
+    """glibc's mallinfo2 (2.33 and later), or None (another C library)."""
+    try:
+        function = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    function.restype = _MallInfo2
+    return function
+
+
+def allocated_bytes() -> float:
+    """The bytes this process has allocated and not freed (glibc: in the heap plus mapped blocks); where the
+    C library cannot say, its resident memory, which includes what was freed but kept."""
+    mallinfo2 = _mallinfo2()
+    if mallinfo2 is None:
+        return resident_bytes()
+    info = mallinfo2()
+    return float(info.uordblks + info.hblkhd)
 
 
 def resident_bytes() -> float:

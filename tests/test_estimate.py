@@ -1,12 +1,17 @@
 """Before training, `hsort fit` estimates the time per epoch and the peak memory from one real step, and
 refuses (one line, exit code 2) a run whose peak would exceed the free memory, unless --force."""
 
+import math
+
+import torch
 from click.testing import CliRunner
 from tiny_runs import tiny_config
 
 from hypersort_core import estimate
 from hypersort_core.cli.main import main
-from hypersort_core.estimate import estimate_fit, extrapolate, scaled_roi
+from hypersort_core.estimate import StepMemory, allocated_bytes, estimate_fit, extrapolate, measured_step, predicted_peak, scaled_roi
+from hypersort_core.model import HyperSORT
+from hypersort_core.train import Trainer, build_optimizers
 
 FAST = ["--preset", "small", "--roi", "16", "--base-channels", "4", "--epochs", "1", "--no-analyze", "--quiet"]
 
@@ -41,3 +46,38 @@ def test_probe_sizes_are_valid_rois_and_memory_grows_along_their_line():
     assert scaled_roi((168, 160, 32), 0.5, 8, 16) == (80, 80, 16)
     assert extrapolate(1000, 10.0, 8000, 80.0, 64000) == 640.0
     assert extrapolate(1000, 10.0, 1000, 12.0, 64000) == 12.0  # one probe size: no slope to follow
+
+
+GIB = 2**30
+
+
+def test_the_paper_presets_full_step_is_predicted_from_steps_that_peak_in_the_optimizer():
+    """Measured on the 2-core machine (paper preset, B = 2, in GiB): the 40³ and 80³ probes' resident peaks are
+    Adam's temporaries for the hyper-network's head, not activations; a line through them gave 14 GiB for 168³
+    (12.4 measured in place), whose step took 23.2 GiB.  Their backward passes' allocations give it."""
+    at_40 = StepMemory(seconds=3.0, peak=4.825 * GIB, allocated_before=2.693 * GIB, backward_peak=3.037 * GIB, allocated_peak=3.937 * GIB)
+    at_80 = StepMemory(seconds=12.0, peak=5.708 * GIB, allocated_before=2.697 * GIB, backward_peak=4.921 * GIB, allocated_peak=4.921 * GIB)
+    predicted = predicted_peak(40**3, at_40, 80**3, at_80, 168**3)
+    assert 1 / 1.3 < predicted / (23.2 * GIB) < 1.3
+    assert predicted_peak(40**3, at_40, 80**3, at_80, 48**3) == at_80.peak  # below the larger probe, the optimizer's phase rules
+
+
+def test_allocated_memory_falls_when_freed():
+    before = allocated_bytes()
+    block = torch.ones(64 * 2**20 // 4)
+    held = allocated_bytes()
+    del block
+    assert held - before > 60 * 2**20 and allocated_bytes() - before < 8 * 2**20
+
+
+def test_backward_allocations_of_small_steps_predict_a_larger_ones(one_torch_thread):
+    """The line the estimate follows: what the backward pass allocates grows with the voxels."""
+    config = tiny_config()
+    model = HyperSORT(config.model, [str(index) for index in range(config.batch_size)])
+    trainer = Trainer(model, build_optimizers(model, config, torch.device("cpu")), config, torch.device("cpu"))
+    measured_step(trainer, (16,) * 3)
+    small, large, full = (measured_step(trainer, (side,) * 3) for side in (16, 32, 56))
+    predicted = extrapolate(16**3, small.backward_growth, 32**3, large.backward_growth, 56**3)
+    assert full.backward_growth > 20 * 2**20
+    assert 1 / 1.15 < predicted / full.backward_growth < 1.15
+    assert math.isclose(full.allocated_before, large.allocated_before, rel_tol=0.05)  # nothing of the step is left behind
