@@ -131,7 +131,7 @@ def fit(
 
     Under torchrun every process runs this command; rank 0 alone checks the data, prints and analyzes.
     """
-    from hypersort_core.api import RESUMABLE_SETTINGS, check_before_training, resumed_config, training_config
+    from hypersort_core.api import RESUMABLE_SETTINGS, check_before_training, estimate_before_training, resumed_config, training_config
     from hypersort_core.api import fit as fit_run
     from hypersort_core.distributed import world_from_environment
     from hypersort_core.report import format_summary
@@ -145,7 +145,7 @@ def fit(
     if not resume and world.is_main and not os.environ.get(CHECKED_ENV):
         check_before_training(data, config, warn=lambda issue: click.echo(f"warning: {issue}", err=True), cache_dir=cache_dir, progress=not quiet)
     if not resume and world.size == 1 and not (nproc and nproc > 1):
-        _estimate_first(data, config, force)
+        estimate_before_training(data, config, force, say=click.echo)
     if nproc and nproc > 1 and world.size == 1:
         _run_under_torchrun(nproc)
     settings = {k: options[k] for k in RESUMABLE_SETTINGS} if resume else options
@@ -154,6 +154,7 @@ def fit(
         run_dir,
         preset=preset,
         check=False,
+        estimate=False,
         resume=resume,
         overwrite=overwrite,
         analyze=not no_analyze,
@@ -171,16 +172,6 @@ def fit(
     if run.analysis is not None:
         click.echo(format_summary(run.analysis))
     _print_fit_summary(result, data, run.analysis)
-
-
-def _estimate_first(data: Path, config, force: bool) -> None:
-    """Time per epoch and peak memory, from one real step; a run that would not fit in memory stops here unless --force."""
-    from hypersort_core.estimate import estimate_fit
-
-    estimate = estimate_fit(data, config)
-    click.echo(estimate.describe())
-    if not force:
-        estimate.check_fits(config)
 
 
 def _run_under_torchrun(nproc: int) -> None:

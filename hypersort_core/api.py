@@ -26,6 +26,7 @@ from hypersort_core.check import CheckReport, check_dataset
 from hypersort_core.config import ConfigError, TrainConfig
 from hypersort_core.data import PreprocessConfig, default_cache_dir
 from hypersort_core.distributed import world_from_environment
+from hypersort_core.estimate import Estimate, estimate_fit
 from hypersort_core.export import export_unet
 from hypersort_core.main_style import prepared_training_cases
 from hypersort_core.model import ModelConfig
@@ -195,6 +196,16 @@ def check_before_training(
     return report
 
 
+def estimate_before_training(data: Path | str, config: TrainConfig, force: bool = False, say: Callable[[str], None] = print) -> Estimate:
+    """Time per epoch and peak memory from one real step, said; a run that would not fit in memory stops here
+    (ConfigError, saying what to change) unless force."""
+    found = estimate_fit(Path(data), config)
+    say(found.describe())
+    if not force:
+        found.check_fits(config)
+    return found
+
+
 def fit(
     data: Path | str,
     out: Path | str,
@@ -207,16 +218,21 @@ def fit(
     progress: bool = True,
     cache_dir: Path | str | None = None,
     warn: Callable[[str], None] | None = None,
+    estimate: bool = True,
+    force: bool = False,
     **settings,
 ) -> Run:
     """Check the dataset, train HyperSORT on it into the run folder `out`, and analyze the run, as `hsort fit` does.
 
     settings: those of `training_config` (resume: those of a resumed run).  check=False skips the dataset
-    check; analyze=False the analysis.  An interrupted or stopped run is returned too: see `run.fit_result`."""
+    check; estimate=False the time and memory estimate (printed; a run that would not fit in memory is refused
+    unless force); analyze=False the analysis.  An interrupted or stopped run is returned too: see `run.fit_result`."""
     config = resumed_config(out, **settings) if resume else training_config(preset, **settings)
     config.validate()
     if check and not resume:
         check_before_training(data, config, warn, cache_dir, progress)
+    if estimate and not resume and world_from_environment().size == 1:
+        estimate_before_training(data, config, force)
     result = train(
         Path(data), Path(out), config, resume=resume, progress=progress, overwrite=overwrite, cache_dir=None if cache_dir is None else Path(cache_dir)
     )

@@ -3,12 +3,15 @@ refuses (one line, exit code 2) a run whose peak would exceed the free memory, u
 
 import math
 
+import pytest
 import torch
 from click.testing import CliRunner
 from tiny_runs import tiny_config
 
+import hypersort_core as hs
 from hypersort_core import estimate
 from hypersort_core.cli.main import main
+from hypersort_core.config import ConfigError
 from hypersort_core.estimate import StepMemory, allocated_bytes, estimate_fit, extrapolate, measured_step, predicted_peak, scaled_roi
 from hypersort_core.model import HyperSORT
 from hypersort_core.train import Trainer, build_optimizers
@@ -38,6 +41,17 @@ def test_a_run_that_would_not_fit_in_memory_stops_before_training_in_one_line(sy
 
     forced = CliRunner().invoke(main, ["fit", str(synthetic_dataset), "--out", str(tmp_path / "run"), *FAST, "--force"])
     assert forced.exit_code == 0, forced.output
+    assert (tmp_path / "run" / "checkpoint.pt").is_file()
+
+
+def test_the_python_api_estimates_and_refuses_as_the_command_does(synthetic_dataset, tmp_path, monkeypatch, one_torch_thread, capsys):
+    monkeypatch.setattr(estimate, "available_memory_bytes", lambda: 1)
+    settings = {"preset": "small", "roi": 16, "base_channels": 4, "epochs": 1, "analyze": False, "progress": False}
+    with pytest.raises(ConfigError, match="GiB is free"):
+        hs.fit(synthetic_dataset, tmp_path / "run", **settings)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    hs.fit(synthetic_dataset, tmp_path / "run", force=True, **settings)
+    assert "estimated peak memory" in capsys.readouterr().out  # said, though forced past
     assert (tmp_path / "run" / "checkpoint.pt").is_file()
 
 
