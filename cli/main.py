@@ -144,8 +144,8 @@ def fit(
     # this process checks before it starts torchrun, so that bad input is still one line and exit code 2.
     if not resume and world.is_main and not os.environ.get(CHECKED_ENV):
         check_before_training(data, config, warn=lambda issue: click.echo(f"warning: {issue}", err=True), cache_dir=cache_dir, progress=not quiet)
-    if not resume and world.size == 1 and not (nproc and nproc > 1):
-        estimate_before_training(data, config, force, say=click.echo)
+    if not resume and world.size == 1:
+        estimate_before_training(data, config, force, say=click.echo, processes=nproc or 1)
     if nproc and nproc > 1 and world.size == 1:
         _run_under_torchrun(nproc)
     settings = {k: options[k] for k in RESUMABLE_SETTINGS} if resume else options

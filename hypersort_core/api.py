@@ -196,10 +196,10 @@ def check_before_training(
     return report
 
 
-def estimate_before_training(data: Path | str, config: TrainConfig, force: bool = False, say: Callable[[str], None] = print) -> Estimate:
+def estimate_before_training(data: Path | str, config: TrainConfig, force: bool = False, say: Callable[[str], None] = print, processes: int = 1) -> Estimate:
     """Time per epoch and peak memory from one real step, said; a run that would not fit in memory stops here
-    (ConfigError, saying what to change) unless force."""
-    found = estimate_fit(Path(data), config)
+    (ConfigError, saying what to change) unless force.  processes: those `hsort fit --nproc` will start."""
+    found = estimate_fit(Path(data), config, processes)
     say(found.describe())
     if not force:
         found.check_fits(config)

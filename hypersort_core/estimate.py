@@ -20,9 +20,11 @@ import ctypes
 import ctypes.util
 import functools
 import math
+import multiprocessing
 import os
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -49,27 +51,35 @@ class Estimate:
 
     device: str
     steps_per_epoch: int
-    peak_bytes: float  # the training process (CPU) or the GPU at the peak of a step
+    peak_bytes: float  # one training process (CPU) or its GPU at the peak of a step
     available_bytes: float | None
     step_seconds: float | None  # None: the step was not taken, its memory (predicted from smaller steps) does not fit
+    sharing: int = 1  # training processes that share this memory: all of them on the CPU, one per GPU
+
+    @property
+    def needed_bytes(self) -> float:
+        return self.sharing * self.peak_bytes
 
     @property
     def fits(self) -> bool:
-        return self.available_bytes is None or self.peak_bytes <= self.available_bytes
+        return self.available_bytes is None or self.needed_bytes <= self.available_bytes
 
     def check_fits(self, config: TrainConfig) -> None:
         """Refuse, in one line that says what to change, a run whose peak exceeds the free memory."""
         if self.fits:
             return
         roi = "x".join(map(str, config.preprocess.roi))
+        processes = f", {self.sharing} processes" if self.sharing > 1 else ""
         raise ConfigError(
-            f"training would need about {self.peak_bytes / GIB:.1f} GiB of {self.device} memory (--roi {roi}, --batch-size {config.batch_size}, "
-            f"--preset {config.preset}) but {self.available_bytes / GIB:.1f} GiB is free; choose a smaller --roi or --batch-size "
-            f"(or --preset small), or --force to start anyway"
+            f"training would need about {self.needed_bytes / GIB:.1f} GiB of {self.device} memory (--roi {roi}, --batch-size {config.batch_size}, "
+            f"--preset {config.preset}{processes}) but {self.available_bytes / GIB:.1f} GiB is free; choose a smaller --roi or --batch-size "
+            f"(or --preset small{', fewer processes' if processes else ''}), or --force to start anyway"
         )
 
     def describe(self) -> str:
         memory = f"peak memory {self.peak_bytes / GIB:.1f} GiB"
+        if self.sharing > 1:
+            memory += f" per process, {self.needed_bytes / GIB:.1f} GiB for {self.sharing}"
         if self.available_bytes is not None:
             memory += f" of {self.available_bytes / GIB:.1f} GiB free"
         if self.step_seconds is None:
@@ -78,18 +88,35 @@ class Estimate:
         return f"estimated time per epoch on {self.device}: {format_duration(epoch)} ({self.steps_per_epoch} steps of {self.step_seconds:.2g} s); {memory}"
 
 
-def estimate_fit(data: Path, config: TrainConfig) -> Estimate:
-    """The estimate for `hsort fit DATA` with `config` in one process: its cases and labels as fit will read them."""
+def estimate_fit(data: Path, config: TrainConfig, processes: int = 1) -> Estimate:
+    """The estimate for `hsort fit DATA` with `config`: its cases and labels as fit will read them.
+
+    For `--nproc N` the step is taken in a process of its own with the threads torchrun gives each training
+    process (OMP_NUM_THREADS, 1 unless set), so that it is timed as they will run, and so that this process,
+    which starts them, holds no GPU memory while they train."""
+    if processes > 1:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(_estimate_as_one_of_several, data, config, processes).result()
+    return _estimate_here(data, config, processes)
+
+
+def _estimate_as_one_of_several(data: Path, config: TrainConfig, processes: int) -> Estimate:
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    return _estimate_here(data, config, processes)
+
+
+def _estimate_here(data: Path, config: TrainConfig, processes: int) -> Estimate:
     dataset = read_dataset(data, config.layout, split=config.split)
     classes = select_labels(dataset, config.label).num_classes
     run_config = replace(config, model=replace(config.model, out_channels=classes))
-    return estimate_training(run_config, len(dataset.cases), resolve_device(config.device))
+    return estimate_training(run_config, len(dataset.cases), resolve_device(config.device), processes)
 
 
 def estimate_training(config: TrainConfig, cases: int, device: torch.device, processes: int = 1) -> Estimate:
     """Time one real step of `config` on `device` (train.train_step, the step training takes) and watch its
     memory; `cases` and `processes` give the steps per epoch.  config.model.out_channels must be the run's."""
     steps = math.ceil(cases / (config.batch_size * processes))
+    sharing = processes if device.type == "cpu" else 1
     model = HyperSORT(config.model, [str(index) for index in range(max(cases, config.batch_size))]).to(device)
     trainer = Trainer(model, build_optimizers(model, config, device), config, device)
     available = free_memory(device)
@@ -99,10 +126,10 @@ def estimate_training(config: TrainConfig, cases: int, device: torch.device, pro
     probes = [scaled_roi(config.preprocess.roi, fraction, config.model.size_multiple, smallest) for fraction in (0.25, 0.5)]
     small, large = (measured_step(trainer, roi) for roi in probes)
     predicted = PREDICTION_MARGIN * predicted_peak(math.prod(probes[0]), small, math.prod(probes[1]), large, math.prod(config.preprocess.roi))
-    if available is not None and predicted > available:
-        return Estimate(device_name(device), steps, predicted, available, None)
+    if available is not None and sharing * predicted > available:
+        return Estimate(device_name(device), steps, predicted, available, None, sharing)
     full = measured_step(trainer, config.preprocess.roi)
-    return Estimate(device_name(device), steps, full.peak, available, full.seconds)
+    return Estimate(device_name(device), steps, full.peak, available, full.seconds, sharing)
 
 
 @dataclass(frozen=True)

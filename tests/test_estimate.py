@@ -2,6 +2,8 @@
 refuses (one line, exit code 2) a run whose peak would exceed the free memory, unless --force."""
 
 import math
+import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -95,3 +97,17 @@ def test_backward_allocations_of_small_steps_predict_a_larger_ones(one_torch_thr
     assert full.backward_growth > 20 * 2**20
     assert 1 / 1.15 < predicted / full.backward_growth < 1.15
     assert math.isclose(full.allocated_before, large.allocated_before, rel_tol=0.05)  # nothing of the step is left behind
+
+
+def test_with_several_processes_the_step_is_taken_apart_and_the_cpu_memory_counted_for_each(synthetic_dataset):
+    found = estimate_fit(synthetic_dataset, tiny_config(), processes=2)
+    assert found.steps_per_epoch == 2 and found.sharing == 2  # 7 cases, batch 3 per process
+    assert found.needed_bytes == 2 * found.peak_bytes and "for 2" in found.describe()
+    assert torch.get_num_threads() > 1 or os.cpu_count() == 1  # this process's threads untouched
+
+
+def test_processes_that_together_exceed_the_free_memory_are_refused():
+    one = estimate.Estimate("this CPU", 10, peak_bytes=4 * GIB, available_bytes=6 * GIB, step_seconds=1.0)
+    assert one.fits and not replace(one, sharing=2).fits
+    with pytest.raises(ConfigError, match="8.0 GiB .* 2 processes.*fewer processes"):
+        replace(one, sharing=2).check_fits(tiny_config())
