@@ -74,8 +74,8 @@ class World:
 
     @contextlib.contextmanager
     def main_process_work(self) -> Iterator[None]:
-        """A block in which rank 0 does what the others wait for (picks the checkpoint, writes one), left by
-        all processes together.  When rank 0 fails in it, the others stop with MainProcessStopped instead of
+        """A block in which rank 0 does what the others wait for (picks the checkpoint, writes the run folder),
+        left by all processes together.  When rank 0 fails in it, the others stop with MainProcessStopped instead of
         failing on the broken connection a moment later, perhaps first, which would make torchrun report them."""
         try:
             yield

@@ -124,14 +124,16 @@ def _fit(world: World, data: Path, run_dir: Path, config: TrainConfig, resume: b
     device = world.device(config.device)
     use_precision(config.precision, device)
     payload = _resume_payload(run_dir, world) if resume else None
-    if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (remove_interrupted_writes if resume else remove_checkpoints)(run_dir)
+    with world.main_process_work():
+        if world.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (remove_interrupted_writes if resume else remove_checkpoints)(run_dir)
     with _full_disk_is_a_clear_error(run_dir):
         prepared, config = prepare_data(data, config, cache_dir, world, progress)
         case_ids = [case.case_id for case in prepared.cases]
-        if world.is_main:
-            write_config(run_dir, config, data, case_ids, cache_dir)
+        with world.main_process_work():
+            if world.is_main:
+                write_config(run_dir, config, data, case_ids, cache_dir)
 
     model = initial_model(config, case_ids, device)
     optimizers = build_optimizers(model, config, device)
@@ -296,8 +298,9 @@ def train_epoch(
                 writer.save_progress()
                 return step.stop
     _finish_epoch(trainer.model, state, total, clock.elapsed(), progress)
-    if world.is_main:
-        write_epoch_outputs(writer.run_dir, trainer.model, state)
+    with world.main_process_work():
+        if world.is_main:
+            write_epoch_outputs(writer.run_dir, trainer.model, state)
     if state.epoch % config.checkpoint_every == 0 or state.epoch == config.epochs:
         writer.checkpoint()
     return None
@@ -579,8 +582,10 @@ class _RunFolderWriter:
     def save_progress(self) -> None:
         """A checkpoint and the per-epoch files, when training stops mid-epoch."""
         self.checkpoint()
-        if self.trainer.world.is_main:
-            write_epoch_outputs(self.run_dir, self.trainer.model, self.state)
+        world = self.trainer.world
+        with world.main_process_work():
+            if world.is_main:
+                write_epoch_outputs(self.run_dir, self.trainer.model, self.state)
 
 
 def write_epoch_outputs(run_dir: Path, model: HyperSORT, state: TrainingState) -> None:

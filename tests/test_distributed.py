@@ -136,6 +136,21 @@ def test_ctrl_c_stops_every_process_after_the_same_step_with_a_checkpoint_to_res
     assert logged_epochs(out) == list(range(1, state["epoch"] + 2))
 
 
+def test_a_run_folder_deleted_under_several_processes_is_rank_0s_one_line_and_exit_code(synthetic_dataset, tmp_path):
+    """Rank 0 finds the folder gone at the end of an epoch; rank 1, already in the next epoch's first step before,
+    now stops with it instead of failing on the broken connection."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "hypersort_core.cli", "fit", str(synthetic_dataset), "--out", str(out), *TINY, "--nproc", "2", "--epochs", "1000"]
+    process = subprocess.Popen(command, env=single_process_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: len(logged_epochs(out)) >= 1 or process.poll() is not None)
+    shutil.rmtree(out)
+    _, stderr = process.communicate(timeout=120)
+    errors = [line for line in stderr.splitlines() if line.strip() and not line.startswith("warning")]
+    assert process.returncode == 2 and len(errors) == 1, stderr
+    assert errors[0].startswith("hsort: error: ") and str(out) in errors[0]
+    assert "vanished" in errors[0] or "deleted or moved" in errors[0]  # found before a write, or by the write it cut short
+
+
 def test_bad_input_with_nproc_is_one_line_before_any_process_starts(tmp_path, synthetic_dataset):
     data = Path(shutil.copytree(synthetic_dataset, tmp_path / "data"))
     (data / "labelsTr" / "synth_003.nii.gz").write_bytes(b"not a NIfTI file")
