@@ -52,14 +52,7 @@ from hypersort_core.data import PreparedCase, read_dataset
 from hypersort_core.latents import latent_scores
 from hypersort_core.main_style import main_style_fit
 from hypersort_core.run import Run
-from hypersort_core.run_folder import (
-    CLUSTERS_NAME,
-    LATENT_MAP_NAME,
-    LATENT_MAP_PAGE_NAME,
-    LATENTS_NAME,
-    RANKING_NAME,
-    REPORT_NAME,
-)
+from hypersort_core.run_folder import ANALYSIS_NAMES
 
 METHODS = ("gmm", "kmeans")
 MAX_CLUSTERS = 6
@@ -169,8 +162,7 @@ class Analysis(LabelIssues):
 
     @property
     def files(self) -> dict[str, Path]:
-        names = (RANKING_NAME, CLUSTERS_NAME, LATENTS_NAME, LATENT_MAP_NAME, LATENT_MAP_PAGE_NAME, REPORT_NAME)
-        return {name: self.run_dir / name for name in names}
+        return {name: self.run_dir / name for name in ANALYSIS_NAMES}
 
 
 def rank_cases(score: np.ndarray) -> np.ndarray:

@@ -21,6 +21,8 @@ LATENT_MAP_PAGE_NAME = "latent_map.html"
 REPORT_NAME = "report.html"
 LOG_NAME = "log.csv"
 PROGRESS_NAME = "progress.png"
+# What `hsort analyze` writes, in the order it reports them.
+ANALYSIS_NAMES = (RANKING_NAME, CLUSTERS_NAME, LATENTS_NAME, LATENT_MAP_NAME, LATENT_MAP_PAGE_NAME, REPORT_NAME)
 
 
 def write_config(run_dir: Path, config: TrainConfig, data: Path, case_ids: list[str], cache: Path | None = None) -> None:

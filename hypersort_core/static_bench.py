@@ -265,21 +265,9 @@ def capture_training_step(config: ModelConfig, size: int, batch: int, dtype: str
             grad_y = activation(layer.c_out, layer.out_size)
             backward = conv.per_sample_conv_transpose3d_backward if layer.transposed else conv.per_sample_conv3d_backward
             geometry = ((layer.stride,) * 3, (layer.padding,) * 3)
-            if layer.needs_input_grad:
-                run(
-                    layer.name,
-                    "input-grad",
-                    lambda: backward(grad_y, x, weight, *geometry, (True, False, False)),
-                    layer.flops(batch),
-                    _traffic(layer, batch, element, "input-grad"),
-                )
-            run(
-                layer.name,
-                "weight-grad",
-                lambda: backward(grad_y, x, weight, *geometry, (False, True, True)),
-                layer.flops(batch),
-                _traffic(layer, batch, element, "weight-grad"),
-            )
+            roles = (("input-grad", (True, False, False)),) if layer.needs_input_grad else ()
+            for role, wanted in (*roles, ("weight-grad", (False, True, True))):
+                run(layer.name, role, lambda: backward(grad_y, x, weight, *geometry, wanted), layer.flops(batch), _traffic(layer, batch, element, role))
         y32 = meta(batch, params, dtype=torch.float32)
         run(
             "head",
