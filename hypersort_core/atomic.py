@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -61,6 +63,13 @@ def _fsync_directory(directory: Path) -> None:
 def atomic_write_text(path: Path | str, text: str) -> None:
     with atomic_open(path, "w") as handle:
         handle.write(text)
+
+
+def atomic_write_csv(path: Path | str, rows: Iterable[Sequence], **dialect) -> None:
+    """CSV rows, the header first, written atomically; `dialect`: csv.writer's options (delimiter=...)."""
+    buffer = io.StringIO()
+    csv.writer(buffer, **dialect).writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
 
 
 def atomic_savefig(path: Path | str, figure) -> None:

@@ -9,14 +9,13 @@ pseudo-label moved from the given one.
 from __future__ import annotations
 
 import csv
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from hypersort_core.atomic import atomic_write_text
+from hypersort_core.atomic import atomic_write_csv
 from hypersort_core.config import ConfigError
 from hypersort_core.data import (
     Case,
@@ -93,12 +92,8 @@ def label_change(case: str, prediction: np.ndarray, given: np.ndarray, num_class
 
 
 def write_changes_csv(path: Path, changes: list[LabelChange]) -> None:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["case", "voxels_added", "voxels_removed", "dice_to_given_label"])
-    for change in changes:
-        writer.writerow([change.case, change.voxels_added, change.voxels_removed, f"{change.dice_to_given_label:.4f}"])
-    atomic_write_text(path, buffer.getvalue())
+    rows = [[change.case, change.voxels_added, change.voxels_removed, f"{change.dice_to_given_label:.4f}"] for change in changes]
+    atomic_write_csv(path, [["case", "voxels_added", "voxels_removed", "dice_to_given_label"], *rows])
 
 
 def correct_labels(run: Run, cluster: int, cases: list[str], out_dir: Path | None = None, progress: bool = True) -> tuple[Path, list[LabelChange]]:

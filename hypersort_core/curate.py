@@ -14,10 +14,8 @@ a curated label can never change the source's. `curation.csv` records for every 
 from __future__ import annotations
 
 import contextlib
-import csv
 import glob
 import gzip
-import io
 import json
 import os
 import shutil
@@ -27,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from hypersort_core.atomic import atomic_open, atomic_write_text
+from hypersort_core.atomic import atomic_open, atomic_write_csv, atomic_write_text
 from hypersort_core.config import ConfigError
 from hypersort_core.correct import label_values
 from hypersort_core.data import Case, DataError, Dataset, LabelSelection, read_dataset, select_labels
@@ -235,12 +233,8 @@ def written_label_names(folder: Path) -> dict[str, int]:
 
 
 def write_curation_csv(path: Path, cases: list[Curated]) -> None:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(CURATION_COLUMNS)
-    for case in cases:
-        writer.writerow([case.case, case.decision, case.style, case.label_source, case.voxels_changed, case.source_label])
-    atomic_write_text(path, buffer.getvalue())
+    rows = [[case.case, case.decision, case.style, case.label_source, case.voxels_changed, case.source_label] for case in cases]
+    atomic_write_csv(path, [CURATION_COLUMNS, *rows])
 
 
 def remove_abandoned_folders(out: Path) -> None:

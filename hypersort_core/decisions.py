@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from hypersort_core.atomic import atomic_write_text
+from hypersort_core.atomic import atomic_write_csv
 from hypersort_core.data import DataError
 
 REVIEW_NAME = "review.csv"
@@ -108,12 +108,7 @@ def read_decisions(path: Path, case_ids: list[str] | None = None) -> dict[str, D
 
 
 def write_decisions(path: Path, decisions: dict[str, Decision]) -> None:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(COLUMNS)
-    for decision in decisions.values():
-        writer.writerow(asdict(decision).values())
-    atomic_write_text(path, buffer.getvalue())
+    atomic_write_csv(path, [COLUMNS, *(asdict(decision).values() for decision in decisions.values())])
 
 
 @contextlib.contextmanager

@@ -14,15 +14,13 @@ latents.csv. Both files are read with `torch.load(weights_only=True)`, so they c
 
 from __future__ import annotations
 
-import csv
-import io
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from hypersort_core.atomic import atomic_write_text
+from hypersort_core.atomic import atomic_write_csv
 from hypersort_core.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
@@ -151,11 +149,8 @@ def hypersort_from_reference(reference: ReferenceHyperNetwork, case_ids: list[st
 
 def write_data_list(path: Path, cases: list[Case]) -> Path:
     """A data list of just these cases, with absolute paths and their ids (the manifest layout's case column)."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, delimiter="\t", lineterminator="\n")
-    writer.writerow(["DataPath", "LabelPath", "case"])
-    writer.writerows([[case.image.absolute(), case.label.absolute(), case.case_id] for case in cases])
-    atomic_write_text(path, buffer.getvalue())
+    rows = [[case.image.absolute(), case.label.absolute(), case.case_id] for case in cases]
+    atomic_write_csv(path, [["DataPath", "LabelPath", "case"], *rows], delimiter="\t", lineterminator="\n")
     return path
 
 

@@ -8,14 +8,13 @@ its mean Euclidean distance to the other cases' latents (isolation).
 from __future__ import annotations
 
 import csv
-import io
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 from scipy.spatial.distance import cdist
 
-from hypersort_core.atomic import atomic_savefig, atomic_write_text
+from hypersort_core.atomic import atomic_savefig, atomic_write_csv
 from hypersort_core.run_folder import LATENT_MAP_NAME, LATENTS_NAME
 
 LABELLED_OUTLIERS = 5
@@ -32,12 +31,9 @@ def latent_scores(latents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def write_latents_csv(run_dir: Path, case_ids: list[str], latents: np.ndarray) -> None:
     norm, mean_dist = latent_scores(latents)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["case", *[f"z{i}" for i in range(latents.shape[1])], "norm", "mean_dist"])
-    for case, z, n, d in zip(case_ids, latents, norm, mean_dist):
-        writer.writerow([case, *[f"{v:.9g}" for v in z], f"{n:.6g}", f"{d:.6g}"])  # 9 digits: float32 exactly
-    atomic_write_text(Path(run_dir) / LATENTS_NAME, buffer.getvalue())
+    header = ["case", *[f"z{i}" for i in range(latents.shape[1])], "norm", "mean_dist"]
+    rows = [[case, *[f"{v:.9g}" for v in z], f"{n:.6g}", f"{d:.6g}"] for case, z, n, d in zip(case_ids, latents, norm, mean_dist)]  # 9 digits: float32 exactly
+    atomic_write_csv(Path(run_dir) / LATENTS_NAME, [header, *rows])
 
 
 def read_latents_csv(path: Path) -> tuple[list[str], np.ndarray]:

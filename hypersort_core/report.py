@@ -33,7 +33,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from hypersort_core.analysis import DESCRIPTIONS, GALLERY, Analysis, analyze
-from hypersort_core.atomic import atomic_savefig, atomic_write_text
+from hypersort_core.atomic import atomic_savefig, atomic_write_csv, atomic_write_text
 from hypersort_core.data import DataError, PreparedCase, scored_roi
 from hypersort_core.data.volumes import voxel_sizes
 from hypersort_core.latents import (
@@ -256,19 +256,13 @@ def add_cluster_column(analysis: Analysis, path: Path) -> None:
         raise DataError(path, "has no 'case' column")
     case, kept = header.index("case"), [i for i, name in enumerate(header) if name != "cluster"]
     cluster_of = dict(zip(analysis.case_ids, analysis.clustering.members.tolist()))
-    _write_csv(path, [[header[i] for i in kept] + ["cluster"], *[[row[i] for i in kept] + [cluster_of.get(row[case], "")] for row in rows]])
+    atomic_write_csv(path, [[header[i] for i in kept] + ["cluster"], *[[row[i] for i in kept] + [cluster_of.get(row[case], "")] for row in rows]])
 
 
 def _write_records(path: Path, records: list[dict]) -> None:
     """Records as CSV rows, numbers to 6 significant digits."""
     rows = [list(records[0]), *[[_number(value) if isinstance(value, float) else value for value in record.values()] for record in records]]
-    _write_csv(path, rows)
-
-
-def _write_csv(path: Path, rows: list[list]) -> None:
-    buffer = io.StringIO()
-    csv.writer(buffer).writerows(rows)
-    atomic_write_text(path, buffer.getvalue())
+    atomic_write_csv(path, rows)
 
 
 def _number(value: float) -> str:
