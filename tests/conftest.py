@@ -1,4 +1,5 @@
 import os
+import shutil
 import signal
 import tempfile
 
@@ -60,6 +61,16 @@ def synthetic_dataset(tmp_path_factory):
 def trained_run(synthetic_dataset, tmp_path_factory):
     """A run folder from 4 epochs of `fit` on `synthetic_dataset` (read-only: copy it to change it)."""
     return fit(synthetic_dataset, tmp_path_factory.mktemp("trained") / "run", tiny_config(epochs=4), progress=False).run_dir
+
+
+@pytest.fixture(scope="module")
+def analysed_run(trained_run, tmp_path_factory):
+    """A copy of the trained run, analyzed (ranking.csv, clusters.csv), for one test module to change."""
+    from hypersort_core.report import analyze_run
+
+    run_dir = shutil.copytree(trained_run, tmp_path_factory.mktemp("analysed") / "run")
+    analyze_run(run_dir, progress=False, pictures=0)
+    return run_dir
 
 
 @pytest.fixture

@@ -19,19 +19,10 @@ from click.testing import CliRunner
 
 from hypersort_core.cli.curate import review
 from hypersort_core.decisions import read_decisions
-from hypersort_core.report import analyze_run
 from hypersort_core.review import ReviewSession, serve
 from hypersort_core.run import load_run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def analysed_run(trained_run, tmp_path_factory):
-    """A copy of the trained run, analyzed (ranking.csv, clusters.csv)."""
-    run_dir = shutil.copytree(trained_run, tmp_path_factory.mktemp("review") / "run")
-    analyze_run(run_dir, progress=False, pictures=0)
-    return run_dir
 
 
 @pytest.fixture

@@ -24,13 +24,6 @@ pytestmark = [
 TIMEOUT_MS = 60_000  # a busy 2-core machine segments a case for a style in a second or two; leave room
 
 
-@pytest.fixture(scope="module")
-def analysed_run(trained_run, tmp_path_factory):
-    run_dir = shutil.copytree(trained_run, tmp_path_factory.mktemp("browser") / "run")
-    analyze_run(run_dir, progress=False, pictures=0)
-    return run_dir
-
-
 @pytest.fixture
 def review_page(analysed_run):
     """A browser tab on the review page of an analyzed copy of the trained run (no decisions yet), and that run's folder."""
