@@ -133,6 +133,7 @@ def run_job(out: Path, tag: str, cases: int, seed: int, size: int, epochs: int, 
         "kind": truth["kind"],
         "style": truth["style"],
         "cluster": analysis.clustering.members.tolist(),
+        "latents": analysis.latents.tolist(),
         "scores": {key: np.asarray(value, dtype=float).tolist() for key, value in scores.items()},
     }
 
@@ -202,6 +203,8 @@ def run_metrics(result: dict) -> dict:
             row[name] = auroc(chosen[keep], values[keep])
         metrics[score_name] = row
     metrics["style_f1"] = best_cluster_f1(np.array(result["cluster"]), style != "main")
+    if "latents" in result:
+        metrics["style_f1_any_count"] = best_f1_over_cluster_counts(np.array(result["latents"]), style != "main")
     return metrics
 
 
@@ -212,6 +215,15 @@ def best_cluster_f1(members: np.ndarray, subset: np.ndarray) -> float:
         hits = int((found & subset).sum())
         best = max(best, 2 * hits / (found.sum() + subset.sum()))
     return best
+
+
+def best_f1_over_cluster_counts(latents: np.ndarray, subset: np.ndarray) -> float:
+    """The style F1 had the mixture been given the number of clusters that suits the style best (1 to
+    MAX_CLUSTERS, so never below the BIC's choice): whether the map holds the style apart at all."""
+    from hypersort_core.analysis import MAX_CLUSTERS, find_clusters
+
+    counts = range(1, min(MAX_CLUSTERS, len(np.unique(latents, axis=0))) + 1)
+    return max((best_cluster_f1(find_clusters(latents, count).members, subset) for count in counts), default=0.0)
 
 
 def summarize(results: list[dict]) -> dict:
@@ -225,7 +237,11 @@ def summarize(results: list[dict]) -> dict:
             values = [metrics[score][column] for metrics in per_run.values() if metrics[score][column] is not None]
             median[score][column] = float(np.median(values)) if values else None
     style_f1 = [metrics["style_f1"] for metrics in per_run.values()]
-    return {"median": median, "style_f1_median": float(np.median(style_f1)), "style_f1": style_f1, "per_run": per_run}
+    any_count = [metrics["style_f1_any_count"] for metrics in per_run.values() if "style_f1_any_count" in metrics]
+    summary = {"median": median, "style_f1_median": float(np.median(style_f1)), "style_f1": style_f1, "per_run": per_run}
+    if any_count:
+        summary |= {"style_f1_any_count_median": float(np.median(any_count)), "style_f1_any_count": any_count}
+    return summary
 
 
 def format_table(summary: dict, report: dict) -> str:
@@ -237,6 +253,9 @@ def format_table(summary: dict, report: dict) -> str:
     for score, row in summary["median"].items():
         lines.append(f"{score:<16}" + "".join(f"{row[c]:>11.3f}" if row[c] is not None else f"{'n/a':>11}" for c in columns))
     lines.append(f"style subset as one cluster: F1 median {summary['style_f1_median']:.2f} ({', '.join(f'{v:.2f}' for v in summary['style_f1'])})")
+    if "style_f1_any_count" in summary:
+        values = ", ".join(f"{v:.2f}" for v in summary["style_f1_any_count"])
+        lines.append(f"  with the cluster count that suits the style best: F1 median {summary['style_f1_any_count_median']:.2f} ({values})")
     return "\n".join(lines)
 
 

@@ -43,6 +43,20 @@ def test_error_aurocs_compare_each_kind_with_the_clean_cases_of_the_main_style(c
     assert metrics["style_f1"] == pytest.approx(2 * 1 / 3)
 
 
+def test_the_style_f1_over_cluster_counts_tells_a_map_that_holds_the_style_from_one_that_does_not(curation):
+    rng = np.random.default_rng(0)
+    main = rng.normal(0, 0.05, (27, 2))
+    subset = np.r_[np.zeros(27, bool), np.ones(5, bool)]
+    apart = np.r_[main, rng.normal([0.3, 0.0], 0.01, (5, 2))]  # the style's five cases together, off to one side
+    mixed = np.r_[main, rng.normal(0, 0.05, (5, 2))]  # the style's cases among the main ones
+    assert curation.best_f1_over_cluster_counts(apart, subset) == 1.0
+    assert curation.best_f1_over_cluster_counts(mixed, subset) < 0.6
+    metrics = curation.run_metrics(
+        {"kind": ["clean"] * 32, "style": ["main"] * 27 + ["neighbour"] * 5, "cluster": [0] * 32, "latents": apart.tolist(), "scores": {}}
+    )
+    assert metrics["style_f1"] == pytest.approx(2 * 5 / 37) and metrics["style_f1_any_count"] == 1.0
+
+
 @pytest.mark.slow
 def test_a_tiny_benchmark_writes_its_table_and_json(tmp_path):
     command = [
@@ -70,7 +84,7 @@ def test_a_tiny_benchmark_writes_its_table_and_json(tmp_path):
     assert set(run["scores"]) >= {"ranked", "norm", "mean_dist", "nll", "loss_lambda0", "training_loss", "test_dice"}
     assert len(run["kind"]) == len(run["scores"]["norm"]) == 24
     assert set(run["kind"]) - {"clean"} == set(report["datasets"]["kinds"])
-    assert 0 <= report["summary"]["style_f1_median"] <= 1
+    assert 0 <= report["summary"]["style_f1_median"] <= report["summary"]["style_f1_any_count_median"] <= 1
     assert "style subset as one cluster" in done.stdout and "training_loss" in done.stdout
     # a second variant of HyperSORT-only settings reuses the dataset and the baselines' scores
     baselines = sorted((tmp_path / "baselines").iterdir())
