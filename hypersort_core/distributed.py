@@ -15,9 +15,10 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -25,6 +26,8 @@ import torch.distributed as dist
 
 from hypersort_core.config import ConfigError
 from hypersort_core.faults import MainProcessStopped
+
+T = TypeVar("T")
 
 # Rank 0 checks and preprocesses a large dataset while the others wait at the first collective; that
 # can take far longer than PyTorch's default of 10 minutes.
@@ -72,20 +75,23 @@ class World:
         if self.size > 1:
             dist.barrier()
 
-    @contextlib.contextmanager
-    def main_process_work(self) -> Iterator[None]:
-        """A block in which rank 0 does what the others wait for (picks the checkpoint, writes the run folder),
-        left by all processes together.  When rank 0 fails in it, the others stop with MainProcessStopped instead of
-        failing on the broken connection a moment later, perhaps first, which would make torchrun report them."""
-        try:
-            yield
-        except Exception as error:
-            if self.is_main and self.size > 1:
-                self.broadcast(f"process 0 stopped: {error}")
-            raise
+    def on_main(self, work: Callable[[], T]) -> T | None:
+        """`work` done by rank 0 while the others wait (picking the checkpoint, writing the run folder), left by all
+        processes together: rank 0's result, None on the others.  When it fails on rank 0, the others stop with
+        MainProcessStopped instead of failing on the broken connection a moment later, perhaps first, which would
+        make torchrun report them."""
+        result = None
+        if self.is_main:
+            try:
+                result = work()
+            except Exception as error:
+                if self.size > 1:
+                    self.broadcast(f"process 0 stopped: {error}")
+                raise
         failure = self.broadcast(None)
         if failure is not None:
             raise MainProcessStopped(failure)
+        return result
 
     def device(self, name: str) -> torch.device:
         """The device this process trains on: its own GPU (by local rank) on CUDA."""

@@ -124,16 +124,11 @@ def _fit(world: World, data: Path, run_dir: Path, config: TrainConfig, resume: b
     device = world.device(config.device)
     use_precision(config.precision, device)
     payload = _resume_payload(run_dir, world) if resume else None
-    with world.main_process_work():
-        if world.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (remove_interrupted_writes if resume else remove_checkpoints)(run_dir)
+    world.on_main(lambda: _make_run_folder(run_dir, resume))
     with _full_disk_is_a_clear_error(run_dir):
         prepared, config = prepare_data(data, config, cache_dir, world, progress)
         case_ids = [case.case_id for case in prepared.cases]
-        with world.main_process_work():
-            if world.is_main:
-                write_config(run_dir, config, data, case_ids, cache_dir)
+        world.on_main(lambda: write_config(run_dir, config, data, case_ids, cache_dir))
 
     model = initial_model(config, case_ids, device)
     optimizers = build_optimizers(model, config, device)
@@ -180,12 +175,14 @@ def build_optimizers(model: HyperSORT, config: TrainConfig, device: torch.device
     }
 
 
+def _make_run_folder(run_dir: Path, resume: bool) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (remove_interrupted_writes if resume else remove_checkpoints)(run_dir)
+
+
 def _resume_payload(run_dir: Path, world: World) -> dict:
     """The checkpoint to continue from: rank 0 picks it (setting a damaged one aside), the others read the same file."""
-    found = None
-    with world.main_process_work():
-        if world.is_main:
-            found = resume_latest_checkpoint(run_dir)
+    found = world.on_main(lambda: resume_latest_checkpoint(run_dir))
     chosen = world.broadcast(found[1] if found else None)
     return found[0] if found else load_checkpoint(chosen)
 
@@ -298,9 +295,7 @@ def train_epoch(
                 writer.save_progress()
                 return step.stop
     _finish_epoch(trainer.model, state, total, clock.elapsed(), progress)
-    with world.main_process_work():
-        if world.is_main:
-            write_epoch_outputs(writer.run_dir, trainer.model, state)
+    world.on_main(lambda: write_epoch_outputs(writer.run_dir, trainer.model, state))
     if state.epoch % config.checkpoint_every == 0 or state.epoch == config.epochs:
         writer.checkpoint()
     return None
@@ -574,18 +569,16 @@ class _RunFolderWriter:
         world = self.trainer.world
         self.state.elapsed_seconds = self.clock.elapsed()
         rng = world.gather(rng_state())
-        with world.main_process_work():
-            if world.is_main:
-                _check_run_folder(self.run_dir)
-                save_checkpoint(self.run_dir, self.trainer.model, self.trainer.optimizers, self.state, rng)
+        world.on_main(lambda: self._save_checkpoint(rng))
+
+    def _save_checkpoint(self, rng: list) -> None:
+        _check_run_folder(self.run_dir)
+        save_checkpoint(self.run_dir, self.trainer.model, self.trainer.optimizers, self.state, rng)
 
     def save_progress(self) -> None:
         """A checkpoint and the per-epoch files, when training stops mid-epoch."""
         self.checkpoint()
-        world = self.trainer.world
-        with world.main_process_work():
-            if world.is_main:
-                write_epoch_outputs(self.run_dir, self.trainer.model, self.state)
+        self.trainer.world.on_main(lambda: write_epoch_outputs(self.run_dir, self.trainer.model, self.state))
 
 
 def write_epoch_outputs(run_dir: Path, model: HyperSORT, state: TrainingState) -> None:

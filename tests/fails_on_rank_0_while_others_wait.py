@@ -9,12 +9,15 @@ from hypersort_core.config import ConfigError
 from hypersort_core.distributed import joined
 
 
+def fail_slowly() -> None:
+    atexit.register(time.sleep, 2)
+    raise ConfigError("run/checkpoint.pt: no checkpoint to resume from")
+
+
 @reports_bad_input
 def main() -> None:
-    with joined("cpu") as world, world.main_process_work():
-        if world.is_main:
-            atexit.register(time.sleep, 2)
-            raise ConfigError("run/checkpoint.pt: no checkpoint to resume from")
+    with joined("cpu") as world:
+        world.on_main(fail_slowly)
     print(f"process {world.rank} went on after process 0 failed")
 
 
