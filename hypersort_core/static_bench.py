@@ -13,7 +13,9 @@ and its wheel ships `cuobjdump`, so the machine code an H100 would run can be re
 3. *Compile and read*: every distinct specialisation is compiled for the target; the log of the `ptxas -v` run
    Triton makes gives the spill stores, `cuobjdump -res-usage` the registers and stack frame, `cuobjdump -sass`
    the instructions.  The main loop is the backward branch whose body holds the most tensor-core instructions
-   (HGMMA: wgmma on Hopper, HMMA: mma.sync), or, without any, the longest loop holding FFMAs.
+   (HGMMA: wgmma on Hopper, HMMA: mma.sync), the shortest of them (a TMA wait's out-of-line retry jumps back
+   into the loop from after its end, which looks like a longer loop around the same instructions), or, without
+   any, the longest loop holding FFMAs.
 4. *Bound*: a kernel cannot finish before its SMs have issued its instructions.  Each SM's four schedulers issue
    at most one warp instruction per clock, so
 
@@ -218,12 +220,13 @@ def _recording(modules, launches: list[Launch], labels: dict) -> Iterator[None]:
             del kernel.run
 
 
-def capture_training_step(config: ModelConfig, size: int, batch: int, dtype: str) -> list[Launch]:
+def capture_training_step(config: ModelConfig, size: int, batch: int, dtype: str, arch: int = 90) -> list[Launch]:
     """The kernel launches of one HyperSORT training step, from the real launchers on meta tensors.
 
     The launchers are called as the autograd Functions call them (channels-last activations, the layer's own
-    weight layout), so block sizes, grids and specialisation are those of a GPU run; the UNet's activations
-    and weights take `dtype`, as under `hsort fit --precision bf16` (autocast) or tf32.
+    weight layout), so block sizes, grids and specialisation are those of a GPU run of compute capability
+    `arch` (which decides, for one, whether the TMA kernels run); the UNet's activations and weights take
+    `dtype`, as under `hsort fit --precision bf16` (autocast) or tf32.
     """
     from hypersort_core.kernels import hyper_head_triton as head
     from hypersort_core.kernels import per_sample_conv3d_triton as conv
@@ -247,13 +250,15 @@ def capture_training_step(config: ModelConfig, size: int, batch: int, dtype: str
         shape = next(
             ({k: v for k, v in asdict(candidate).items() if k not in ("name", "needs_input_grad")} for candidate in layers if candidate.name == layer), None
         )
-        for launch in launches[first:]:
-            launch.flops, launch.bytes, launch.shape = flops, traffic, shape
+        programs = sum(launch.programs for launch in launches[first:])
+        for launch in launches[first:]:  # a role split over launches (the TMA weight gradient's tap 0) shares its floor out
+            share = launch.programs / programs
+            launch.flops, launch.bytes, launch.shape = flops * share, traffic * share, shape
 
     hidden, params = config.hidden[-1], parameter_count(config)
     h, w_head, b_head = meta(batch, hidden, dtype=torch.float32), meta(params, hidden, dtype=torch.float32), meta(params, dtype=torch.float32)
     head_bytes = 4 * params * hidden + batch * params * element
-    with _recording((conv, head), launches, labels):
+    with _recording((conv, head), launches, labels), conv.meta_tensors_stand_for(divmod(arch, 10)):
         run("head", "forward", lambda: head.hyper_head_forward(h, w_head, b_head, config.head_scale, torch_dtype), 2 * batch * params * hidden, head_bytes)
         for layer in layers:
             x, weight, bias = _layer_tensors(layer, batch, activation, meta)
@@ -465,7 +470,7 @@ def profile_sass(sass: str) -> LoopProfile:
     prologue = next((i for i, (_, op, _) in enumerate(code) if op.startswith(("BRA", "EXIT", "BSSY"))), len(code))
     useful = [loop for loop in loops if loop[0] or loop[1]]
     if useful:
-        body = max(useful, key=lambda loop: (loop[0], loop[2]))[3]
+        body = max(useful, key=lambda loop: (loop[0], -loop[2] if loop[0] else loop[2]))[3]
     else:
         body, prologue = code, 0
     categories = {name: 0 for name in CATEGORIES}
@@ -486,10 +491,14 @@ def _cdiv(a: int, b: int) -> int:
 TRIP_COUNTS: dict[str, Callable[[dict], int]] = {
     "_per_sample_conv3d_forward_kernel":  # one trip per chunk of a (kd, kh)'s run of taps along w
     lambda a: a["KD"] * a["KH"] * _cdiv(a["KW"] * a["C_IN"], a["BLOCK_K"]),
+    "_per_sample_conv3d_tma_forward_kernel":  # one trip per (tap of the phase, chunk of channels)
+    lambda a: _cdiv(a["KD"], a["SD"]) * _cdiv(a["KH"], a["SH"]) * _cdiv(a["KW"], a["SW"]) * (a["C_IN"] // a["BLOCK_K"]),
     "_per_sample_conv_transpose3d_forward_kernel":  # the same over the live taps of a phase
     lambda a: _cdiv(a["KD"], a["SD"]) * _cdiv(a["KH"], a["SH"]) * _cdiv(_cdiv(a["KW"], a["SW"]) * a["C_IN"], a["BLOCK_K"]),
     "_per_sample_conv3d_weight_grad_kernel":  # the line tiles of g's grid, shared out over the splits
     lambda a: a["D_G"] * a["H_G"] * _cdiv(a["W_G"], a["BLOCK_M"]) / a["SPLITS"],
+    "_per_sample_conv3d_tma_weight_grad_kernel":  # the boxes of g's grid, shared out over the splits
+    lambda a: _cdiv(a["D_G"], a["BOX_D"]) * _cdiv(a["H_G"], a["BOX_H"]) * _cdiv(a["W_G"], a["BOX_W"]) / a["SPLITS"],
     "_hyper_head_forward_kernel": lambda a: a["B"],
     "_hyper_head_backward_kernel": lambda a: a["B"],
 }
@@ -667,7 +676,7 @@ def run_static(settings: StaticSettings, out: Path | None = None, progress: Call
         for dtype in settings.dtypes:
             launches = [
                 launch
-                for launch in capture_training_step(settings.model, settings.size, settings.batch, dtype)
+                for launch in capture_training_step(settings.model, settings.size, settings.batch, dtype, arch)
                 if settings.layers is None or launch.layer in settings.layers
             ]
             compiled: dict[str, Compiled] = {}

@@ -1,7 +1,19 @@
 """Triton kernels of the per-sample conv family, their launchers and autograd Functions.
 
-Three kernels cover both ops and all their gradients, because the gradient of a convolution with respect
-to its input is a transposed convolution with the same weight, and the other way round:
+The gradient of a convolution with respect to its input is a transposed convolution with the same weight, and
+the other way round, so a few kernels cover both ops and all their gradients.
+
+On Hopper (and in the interpreter), where the input has whole 16-channel rows in contiguous channels-last memory:
+
+* `_per_sample_conv3d_tma_forward_kernel`: a stride-1 conv, or a transposed conv of any stride (output phase by
+  output phase), as an implicit GEMM over a box of output voxels whose input rows, for each tap, are the box
+  shifted, which one TMA descriptor load brings in, zero outside the volume.  No per-row address or bounds
+  arithmetic remains in its loop.  It runs the UNet's stride-1 convs, every input gradient (each a transposed
+  conv) and the transposed convs' forward.
+* `_per_sample_conv3d_tma_weight_grad_kernel`: a stride-1 conv's weight gradient (and the bias gradient), the
+  same boxes of x and of the output gradient read by descriptors, x's channel chunk as the dot's M.
+
+Elsewhere (sm_80, strided convs, and the first and last layers' 1- and 2-channel tensors), the gathering kernels:
 
 * `_per_sample_conv3d_forward_kernel` (implicit GEMM, M = output voxels of one sample, N = Cout,
   K = taps x Cin, the weight pointer offset by batch index): the conv forward and the transposed
@@ -23,6 +35,10 @@ as the ops between them keep that memory format.
 
 from __future__ import annotations
 
+import contextlib
+import math
+from collections.abc import Iterator
+
 import torch
 import triton
 import triton.language as tl
@@ -31,6 +47,7 @@ from ._dispatch import dot_precision, interpreting, stands_for_gpu
 from .conv_shapes import Triple, conv_output_size, conv_transpose_output_size
 
 NUM_WARPS = 4
+WARP_THREADS = 32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,6 +218,106 @@ def _per_sample_conv3d_forward_kernel(
         )
 
     _store_output_tile(acc, bias_ptr, y_ptr, pid_b, od, oh, ow, cols, row_ok, col_ok, stride_bb, stride_yb, stride_yd, stride_yh, stride_yw, HAS_BIAS)
+
+
+@triton.jit
+def _tma_tap(phase, j, S: tl.constexpr, P: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Along one axis, the offset from a program's box to the input rows that tap j reads, and the weight tap it is.
+
+    Conv (stride 1): output o reads input o - p + j with tap j.  Transposed conv, output phase r = o mod s: output
+    o = q * s + r gathers input q + (r + p) // s - j with tap (r + p) mod s + j * s, a tap past the kernel (k not a
+    multiple of s) reading nothing."""
+    if TRANSPOSED:
+        return (phase + P) // S - j, (phase + P) % S + j * S
+    return j - P, j
+
+
+@triton.jit
+def _per_sample_conv3d_tma_forward_kernel(
+    x_desc,
+    w_ptr,
+    bias_ptr,
+    y_ptr,
+    D_OUT: tl.constexpr,
+    H_OUT: tl.constexpr,
+    W_OUT: tl.constexpr,
+    stride_wb,
+    stride_bb,
+    stride_yb,
+    stride_yd,
+    stride_yh,
+    stride_yw,
+    C_IN: tl.constexpr,
+    C_OUT: tl.constexpr,
+    KD: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    SD: tl.constexpr,
+    SH: tl.constexpr,
+    SW: tl.constexpr,
+    PD: tl.constexpr,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    TRANSPOSED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BOX_D: tl.constexpr,
+    BOX_H: tl.constexpr,
+    BOX_W: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """A stride-1 conv, or a transposed conv of any stride, with the activation read by the tensor-memory
+    accelerator (Hopper's TMA).
+
+    A program owns a BOX_D x BOX_H x BOX_W box of output voxels (of one output phase: voxels q * s + phase, the
+    grid's third axis enumerating (sample, phase)).  For each tap the input rows it needs form the same box shifted
+    (`_tma_tap`), which one descriptor load brings into shared memory, zero where the box leaves the volume: no
+    per-row address or bounds arithmetic remains in the loop, one trip per (tap, chunk of BLOCK_K channels).
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_b = tl.program_id(2) // (SD * SH * SW)  # a descriptor coordinate (int32); 64-bit in the base pointers
+    phase = tl.program_id(2) % (SD * SH * SW)
+    phase_d = phase // (SH * SW)
+    phase_h = phase // SW % SH
+    phase_w = phase % SW
+    BOXES_H: tl.constexpr = ((H_OUT + SH - 1) // SH + BOX_H - 1) // BOX_H
+    BOXES_W: tl.constexpr = ((W_OUT + SW - 1) // SW + BOX_W - 1) // BOX_W
+    d0 = pid_m // (BOXES_H * BOXES_W) * BOX_D
+    h0 = pid_m // BOXES_W % BOXES_H * BOX_H
+    w0 = pid_m % BOXES_W * BOX_W
+    BLOCK_M: tl.constexpr = BOX_D * BOX_H * BOX_W
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < C_OUT
+
+    w_base = w_ptr + pid_b.to(tl.int64) * stride_wb
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    CHUNKS: tl.constexpr = C_IN // BLOCK_K  # the launcher takes BLOCK_K dividing C_IN
+    TD: tl.constexpr = (KD + SD - 1) // SD
+    TH: tl.constexpr = (KH + SH - 1) // SH
+    TW: tl.constexpr = (KW + SW - 1) // SW
+    for step in range(TD * TH * TW * CHUNKS):
+        j = step // CHUNKS
+        c0 = step % CHUNKS * BLOCK_K
+        shift_d, kd = _tma_tap(phase_d, j // (TH * TW), SD, PD, TRANSPOSED)
+        shift_h, kh = _tma_tap(phase_h, j // TW % TH, SH, PH, TRANSPOSED)
+        shift_w, kw = _tma_tap(phase_w, j % TW, SW, PW, TRANSPOSED)
+        a = x_desc.load([pid_b, d0 + shift_d, h0 + shift_h, w0 + shift_w, c0]).reshape(BLOCK_M, BLOCK_K)
+        ks = ((kd * KH + kh) * KW + kw) * C_IN + c0 + tl.arange(0, BLOCK_K)
+        k_live = tl.where((kd < KD) & (kh < KH) & (kw < KW), KD * KH * KW * C_IN, 0)  # 0: a tap past the kernel
+        wt = tl.load(w_base + ks[:, None] * C_OUT + cols[None, :], mask=(ks < k_live)[:, None] & col_ok[None, :], other=0.0)
+        acc = _dot(a, wt, acc, INPUT_PRECISION, UPCAST)
+
+    r = tl.arange(0, BLOCK_M)
+    od = (d0 + r // (BOX_H * BOX_W)) * SD + phase_d
+    oh = (h0 + r // BOX_W % BOX_H) * SH + phase_h
+    ow = (w0 + r % BOX_W) * SW + phase_w
+    row_ok = (od < D_OUT) & (oh < H_OUT) & (ow < W_OUT)
+    _store_output_tile(
+        acc, bias_ptr, y_ptr, pid_b.to(tl.int64), od, oh, ow, cols, row_ok, col_ok, stride_bb, stride_yb, stride_yd, stride_yh, stride_yw, HAS_BIAS
+    )
 
 
 @triton.jit
@@ -427,6 +544,125 @@ def _per_sample_conv3d_weight_grad_kernel(
             tl.store(partial_b_ptr + partial_base * C_G + ns, tl.sum(g_sum, axis=0), mask=n_ok)
 
 
+@triton.jit
+def _load_box(
+    t_ptr,
+    pid_b,
+    d0,
+    h0,
+    w0,
+    n0,
+    D: tl.constexpr,
+    H: tl.constexpr,
+    W: tl.constexpr,
+    C: tl.constexpr,
+    BOX_D: tl.constexpr,
+    BOX_H: tl.constexpr,
+    BOX_W: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The [BOX_D * BOX_H * BOX_W, BLOCK_N] box of contiguous [B, D, H, W, C] memory at (d0, h0, w0, n0), zero outside,
+    as a descriptor load would give it."""
+    r = tl.arange(0, BOX_D * BOX_H * BOX_W)
+    d = d0 + r // (BOX_H * BOX_W)
+    h = h0 + r // BOX_W % BOX_H
+    w = w0 + r % BOX_W
+    ns = n0 + tl.arange(0, BLOCK_N)
+    rows = ((pid_b.to(tl.int64) * D + d) * H + h) * W + w
+    return tl.load(t_ptr + rows[:, None] * C + ns[None, :], mask=((d < D) & (h < H) & (w < W))[:, None] & (ns < C)[None, :], other=0.0)
+
+
+@triton.jit
+def _per_sample_conv3d_tma_weight_grad_kernel(
+    g_desc,
+    x_desc,
+    partial_w_ptr,
+    partial_b_ptr,
+    BOXES_PER_SPLIT,
+    SPLITS,
+    D_G: tl.constexpr,
+    H_G: tl.constexpr,
+    W_G: tl.constexpr,
+    C_G: tl.constexpr,
+    C_X: tl.constexpr,
+    KD: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    PD: tl.constexpr,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    TAP_RUN: tl.constexpr,
+    FIRST_RUN: tl.constexpr,
+    G_DESCRIPTOR: tl.constexpr,
+    SUM_ROWS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BOX_D: tl.constexpr,
+    BOX_H: tl.constexpr,
+    BOX_W: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """partial_w[b, split, t * C_X + c, n] = sum over this split's boxes of output voxels m of x[b, m - p + t, c] * g[b, m, n]
+    for a stride-1 conv, both operands read by descriptor loads (zero outside the volume, so no masks); g by
+    masked loads instead where its rows are too narrow for a descriptor (G_DESCRIPTOR false: g_desc is a pointer).
+
+    A program owns a run of TAP_RUN taps along w (from run FIRST_RUN on: (kd, kh) and the run's first kw), one
+    chunk of BLOCK_C channels of x and one block of BLOCK_N channels of g: each box of g it loads serves the
+    run's taps, one accumulator each.  The chunk is the dot's M and at least 64 wide, so that Hopper's wgmma
+    applies: a box wider than x's channels reads zeros beyond them.  With SUM_ROWS (a launch of run 0 alone, so
+    that the other runs do not pay for it) the first chunk's programs also write partial_b[b, split, n] =
+    sum_m g[b, m, n], the conv's bias gradient.
+    """
+    pid_rcn = tl.program_id(0)
+    pid_bs = tl.program_id(1)
+    C_CHUNKS: tl.constexpr = (C_X + BLOCK_C - 1) // BLOCK_C
+    N_BLOCKS: tl.constexpr = (C_G + BLOCK_N - 1) // BLOCK_N
+    RUNS_W: tl.constexpr = (KW + TAP_RUN - 1) // TAP_RUN
+    run = FIRST_RUN + pid_rcn // (C_CHUNKS * N_BLOCKS)
+    c0 = pid_rcn // N_BLOCKS % C_CHUNKS * BLOCK_C
+    n0 = pid_rcn % N_BLOCKS * BLOCK_N
+    kd = run // (KH * RUNS_W)
+    kh = run // RUNS_W % KH
+    kw0 = run % RUNS_W * TAP_RUN
+    pid_b = pid_bs // SPLITS
+    split = pid_bs % SPLITS
+    BOXES_H: tl.constexpr = (H_G + BOX_H - 1) // BOX_H
+    BOXES_W: tl.constexpr = (W_G + BOX_W - 1) // BOX_W
+    BOXES: tl.constexpr = (D_G + BOX_D - 1) // BOX_D * BOXES_H * BOXES_W
+    BLOCK_M: tl.constexpr = BOX_D * BOX_H * BOX_W
+
+    accs = (tl.zeros((BLOCK_C, BLOCK_N), dtype=tl.float32),) * TAP_RUN
+    g_sum = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # summed over rows once, after the loop
+    first = split * BOXES_PER_SPLIT
+    for box in range(first, tl.minimum(first + BOXES_PER_SPLIT, BOXES)):
+        d0 = box // (BOXES_H * BOXES_W) * BOX_D
+        h0 = box // BOXES_W % BOXES_H * BOX_H
+        w0 = box % BOXES_W * BOX_W
+        if G_DESCRIPTOR:
+            g = g_desc.load([pid_b, d0, h0, w0, n0]).reshape(BLOCK_M, BLOCK_N)
+        else:  # rows of too few channels for a descriptor (the last conv's 2): masked loads, once per box
+            g = _load_box(g_desc, pid_b, d0, h0, w0, n0, D_G, H_G, W_G, C_G, BOX_D, BOX_H, BOX_W, BLOCK_N)
+        updated = ()
+        for j in tl.static_range(TAP_RUN):
+            x = x_desc.load([pid_b, d0 + kd - PD, h0 + kh - PH, w0 + kw0 + j - PW, c0]).reshape(BLOCK_M, BLOCK_C)
+            updated = updated + (_dot(tl.trans(x), g, accs[j], INPUT_PRECISION, UPCAST),)
+        accs = updated
+        if SUM_ROWS:
+            g_sum += g.to(tl.float32)
+
+    cs = c0 + tl.arange(0, BLOCK_C)
+    ns = n0 + tl.arange(0, BLOCK_N)
+    partial_base = pid_b.to(tl.int64) * SPLITS + split
+    for j in tl.static_range(TAP_RUN):
+        tap = (kd * KH + kh) * KW + kw0 + j
+        w_offsets = (partial_base * (KD * KH * KW * C_X) + tap * C_X + cs)[:, None] * C_G + ns[None, :]
+        tl.store(partial_w_ptr + w_offsets, accs[j], mask=(cs < C_X)[:, None] & (ns < C_G)[None, :])
+    if SUM_ROWS:  # noqa: SIM102 (a constexpr branch, compiled out; the inner test runs on the GPU)
+        if c0 == 0:
+            tl.store(partial_b_ptr + partial_base * C_G + ns, tl.sum(g_sum, axis=0), mask=ns < C_G)
+
+
 # ---------------------------------------------------------------------------------------------
 # Launchers (activations channels-last, [B, D, H, W, C])
 # ---------------------------------------------------------------------------------------------
@@ -527,9 +763,99 @@ def per_sample_conv3d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch
     out_size = conv_output_size(tuple(size), kernel_size, stride, padding)
     y = x.new_empty((batch, *out_size, c_out))
     w = weight.permute(0, 3, 4, 5, 2, 1).contiguous()  # [B, kd, kh, kw, Cin, Cout]: a [B, K, Cout] matrix
+    if _tma_applies(x, stride):
+        return _launch_tma_forward(x, w, bias, y, kernel_size, stride, padding, transposed=False)
     blocks = _data_blocks(kernel_size[2] * c_in, c_out)
     grid = (triton.cdiv(out_size[0] * out_size[1] * out_size[2], blocks[0]), triton.cdiv(c_out, blocks[1]), batch)
     return _launch_data_kernel(_per_sample_conv3d_forward_kernel, x, w, bias, y, grid, blocks, kernel_size, stride, padding)
+
+
+META_CAPABILITY = (9, 0)  # the GPU that meta tensors stand for (`hsort bench --static --arch` sets it)
+TMA_CHANNELS = 16  # the descriptor path's least channel count: 16-byte rows in every dtype, one dot's least K
+
+
+@contextlib.contextmanager
+def meta_tensors_stand_for(capability: tuple[int, int]) -> Iterator[None]:
+    """Choose kernels for meta tensors as for a GPU of this compute capability (TMA from 9.0 on)."""
+    global META_CAPABILITY
+    before, META_CAPABILITY = META_CAPABILITY, capability
+    try:
+        yield
+    finally:
+        META_CAPABILITY = before
+
+
+def _has_tma(device: torch.device) -> bool:
+    """Hopper and later load tiles with the tensor-memory accelerator; the interpreter emulates it."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (9, 0)
+    if device.type == "meta":
+        return META_CAPABILITY >= (9, 0)
+    return interpreting()
+
+
+def _descriptor_fits(t: torch.Tensor) -> bool:
+    """Whether a TMA descriptor can read t: whole 16-channel rows in contiguous, 16-byte-aligned channels-last memory."""
+    return t.shape[-1] % TMA_CHANNELS == 0 and t.is_contiguous() and t.data_ptr() % 16 == 0 and _has_tma(t.device)
+
+
+def _tma_applies(x: torch.Tensor, stride: Triple) -> bool:
+    """Whether the descriptor kernels run a conv (not transposed) of x: stride 1, x readable by a descriptor.
+    A transposed conv needs only the latter: its output phases make any stride a shift of the input box."""
+    return stride == (1, 1, 1) and _descriptor_fits(x)
+
+
+def _tma_blocks(c_in: int, c_out: int, element_size: int) -> tuple[tuple[int, int, int], int, int]:
+    """(box of output voxels, BLOCK_N, BLOCK_K) of the descriptor kernel.
+
+    A box is 8 x 8 voxels in an (h, w) plane (the UNet's sides, 168 / 2^level, are mostly multiples of 8) and as
+    many planes deep as the accumulators allow, since a loop trip's fixed cost (barriers, pipeline stages) is shared
+    by the box's rows: 128 fp32 accumulators a thread, 64 where the K tile is wider than N (the decoder's first
+    convs, which spilled with 128), half as many rows for 4-byte elements (their stages spilled too).
+    """
+    block_n = min(max(triton.next_power_of_2(c_out), 16), 128)
+    block_k = min(c_in & -c_in, 64)
+    accumulators = (128 if block_k <= block_n else 64) * NUM_WARPS * WARP_THREADS
+    planes = max(1, accumulators // (64 * block_n) * 2 // element_size)
+    return (planes, 8, 8), block_n, block_k
+
+
+def _launch_tma_forward(
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, kernel_size: Triple, stride: Triple, padding: Triple, transposed: bool
+) -> torch.Tensor:
+    """The conv (stride 1) or transposed conv of contiguous channels-last x with the tap-major weight w, through a
+    descriptor over x."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    batch, *out_size, c_out = y.shape
+    box, block_n, block_k = _tma_blocks(x.shape[-1], c_out, x.element_size())
+    x_desc = TensorDescriptor.from_tensor(x, [1, *box, block_k])
+    bias_ptr, bias_stride = _bias_args(bias, y)
+    boxes = math.prod(triton.cdiv(triton.cdiv(n, s), b) for n, s, b in zip(out_size, stride, box))
+    _per_sample_conv3d_tma_forward_kernel[(boxes, triton.cdiv(c_out, block_n), batch * math.prod(stride))](
+        x_desc,
+        w,
+        bias_ptr,
+        y,
+        *out_size,
+        w.stride(0),
+        bias_stride,
+        *y.stride()[:4],
+        C_IN=x.shape[-1],
+        C_OUT=c_out,
+        **_geometry(kernel_size, stride, padding),
+        TRANSPOSED=transposed,
+        HAS_BIAS=bias is not None,
+        INPUT_PRECISION=_precision(x),
+        UPCAST=_upcast(x),
+        BOX_D=box[0],
+        BOX_H=box[1],
+        BOX_W=box[2],
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=NUM_WARPS,
+    )
+    return y
 
 
 def _launch_conv_transpose3d(
@@ -540,6 +866,8 @@ def _launch_conv_transpose3d(
     c_out, kernel_size = weight.shape[2], tuple(weight.shape[3:])
     y = x.new_empty((batch, *out_size, c_out))
     w = weight.permute(0, 3, 4, 5, 1, 2).contiguous()  # [B, kd, kh, kw, Cin, Cout]
+    if _descriptor_fits(_channels_last(x)):
+        return _launch_tma_forward(_channels_last(x), w, bias, y, kernel_size, stride, padding, transposed=True)
     blocks = _data_blocks(triton.cdiv(kernel_size[2], stride[2]) * c_in, c_out)
     phase_voxels = 1
     for n, s in zip(out_size, stride):
@@ -572,6 +900,80 @@ def _line_block(width: int) -> int:
     return min((128, 64, 32, 16), key=lambda block: (TILE_COST + block) * triton.cdiv(width, block) / width)
 
 
+TMA_STAGE_BYTES, TMA_STAGES = 108 * 1024, 2  # shared memory of one pipeline stage of the TMA weight gradient, and its stages
+MAX_TAP_RUN = 3  # taps along w that share a box of g in the TMA weight gradient, each with its own accumulator
+
+
+def _split_count(work: int, programs_per_split: int, device: torch.device) -> tuple[int, int]:
+    """(splits, work items per split): enough programs to fill the GPU, each with a whole number of items."""
+    splits = max(1, min(work, triton.cdiv(_target_programs(device), programs_per_split)))
+    per_split = triton.cdiv(work, splits)
+    return triton.cdiv(work, per_split), per_split
+
+
+def _weight_grad_chunk(c_x: int, element_size: int) -> int:
+    """BLOCK_C of the TMA weight gradient, the dot's M: 64, the least M of Hopper's wgmma, padded with zeros beyond
+    x's channels; but 16 for float32 with at most 16 channels, where wgmma (TF32 reads a transposed operand only
+    through registers) would transpose four times the live data and mma.sync costs less (`hsort bench --static`)."""
+    return 16 if element_size == 4 and c_x <= 16 else 64
+
+
+def _launch_tma_weight_grad(
+    g: torch.Tensor, x: torch.Tensor, kernel_size: Triple, padding: Triple, bias_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The stride-1 weight gradient through descriptors over g and x; returns what `_launch_weight_grad` returns.
+    With `bias_grad`, the first run of taps is a launch of its own that also sums g."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    batch, *g_size, c_g = g.shape
+    c_x = x.shape[-1]
+    block_n, block_c = min(max(triton.next_power_of_2(c_g), 16), 64), _weight_grad_chunk(c_x, x.element_size())
+    tap_run = kernel_size[2] if kernel_size[2] <= MAX_TAP_RUN else 1  # divides KW: every run is whole
+    rows = TMA_STAGE_BYTES // ((tap_run * block_c + block_n) * x.element_size())
+    box = (min(max((1 << (rows.bit_length() - 1)) // 64, 1), 8), 8, 8)
+    boxes = math.prod(triton.cdiv(n, b) for n, b in zip(g_size, box))
+    runs = kernel_size[0] * kernel_size[1] * triton.cdiv(kernel_size[2], tap_run)
+    tiles_per_run = triton.cdiv(c_x, block_c) * triton.cdiv(c_g, block_n)
+    splits, boxes_per_split = _split_count(boxes, batch * runs * tiles_per_run, g.device)
+    taps = kernel_size[0] * kernel_size[1] * kernel_size[2]
+    partial_w = torch.empty((batch, splits, taps * c_x, c_g), device=g.device, dtype=torch.float32)
+    partial_b = torch.empty((batch, splits, c_g), device=g.device, dtype=torch.float32) if bias_grad else partial_w
+    geometry = _geometry(kernel_size, (1, 1, 1), padding)
+    g_by_descriptor = _descriptor_fits(g)
+    g_operand = TensorDescriptor.from_tensor(g, [1, *box, block_n]) if g_by_descriptor else g
+    descriptors = (g_operand, TensorDescriptor.from_tensor(x, [1, *box, block_c]))
+    launches = ((0, 1, True), (1, runs - 1, False)) if bias_grad else ((0, runs, False),)
+    for first_run, launch_runs, sum_rows in launches:
+        if launch_runs == 0:
+            continue
+        _per_sample_conv3d_tma_weight_grad_kernel[(launch_runs * tiles_per_run, batch * splits)](
+            *descriptors,
+            partial_w,
+            partial_b,
+            boxes_per_split,
+            splits,
+            *g_size,
+            C_G=c_g,
+            C_X=c_x,
+            **{k: geometry[k] for k in ("KD", "KH", "KW", "PD", "PH", "PW")},
+            TAP_RUN=tap_run,
+            FIRST_RUN=first_run,
+            G_DESCRIPTOR=g_by_descriptor,
+            SUM_ROWS=sum_rows,
+            INPUT_PRECISION=_precision(x),
+            UPCAST=_upcast(x),
+            BOX_D=box[0],
+            BOX_H=box[1],
+            BOX_W=box[2],
+            BLOCK_N=block_n,
+            BLOCK_C=block_c,
+            num_warps=NUM_WARPS,
+            num_stages=TMA_STAGES,
+        )
+    dw = partial_w.sum(dim=1).view(batch, *kernel_size, c_x, c_g).permute(0, 5, 4, 1, 2, 3)
+    return dw, partial_b.sum(dim=1) if bias_grad else None
+
+
 def _launch_weight_grad(
     g: torch.Tensor, x: torch.Tensor, kernel_size: Triple, stride: Triple, padding: Triple, bias_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -580,6 +982,8 @@ def _launch_weight_grad(
     Returns dw as [B, N, C, kd, kh, kw] in float32 and, with `bias_grad`, sum_m g[b, m, n] as [B, N].
     """
     g, x = g.contiguous(), x.contiguous()  # [B, D, H, W, C] views of channels-last memory: free
+    if _tma_applies(x, stride) and g.is_contiguous():
+        return _launch_tma_weight_grad(g, x, kernel_size, padding, bias_grad)
     batch, *g_size, c_g = g.shape
     _, *x_size, c_x = x.shape
     K = kernel_size[0] * kernel_size[1] * kernel_size[2] * c_x
@@ -589,9 +993,7 @@ def _launch_weight_grad(
     slabs, run_k = (1, K) if flat else (kernel_size[0] * kernel_size[1], kernel_size[2] * c_x)
     tiles = triton.cdiv(c_g, block_n) * slabs * triton.cdiv(run_k, block_k)
     line_tiles = g_size[0] * g_size[1] * triton.cdiv(g_size[2], block_m)
-    splits = max(1, min(line_tiles, triton.cdiv(_target_programs(g.device), batch * tiles)))
-    tiles_per_split = triton.cdiv(line_tiles, splits)
-    splits = triton.cdiv(line_tiles, tiles_per_split)
+    splits, tiles_per_split = _split_count(line_tiles, batch * tiles, g.device)
     partial_w = torch.empty((batch, splits, K, c_g), device=g.device, dtype=torch.float32)
     partial_b = torch.empty((batch, splits, c_g), device=g.device, dtype=torch.float32) if bias_grad else partial_w
     _per_sample_conv3d_weight_grad_kernel[(tiles, batch * splits)](

@@ -36,6 +36,27 @@ def test_the_main_loop_is_the_backward_branch_around_the_tensor_instructions():
     assert loop.categories == {"tensor": 1, "memory": 1, "integer": 1, "compare_select": 1, "conversion": 0, "other": 1}
 
 
+# A TMA loop (0x10-0x50) whose barrier wait retries out of line (0x70) and jumps back into the loop (0x20):
+# the branch at 0x90 spans more code around the same tensor instruction, but it is not the loop.
+TMA_SASS = """
+        /*0000*/                   S2R R0, SR_TID.X ;                                   /* 0x0000000000007919 */
+        /*0010*/                   UIADD3 UR4, UR4, 0x1, URZ ;                          /* 0x0000000104047890 */
+        /*0020*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR8+0x2600], R11 ; /* 0x0026000bff0075a7 */
+        /*0030*/              @!P0 BRA 0x70 ;                                           /* 0x0000000c00388947 */
+        /*0040*/                   HGMMA.64x16x16.F32.BF16 R32, R44, gdesc[UR8].tnspB, R32 ; /* 0x402000082c207df0 */
+        /*0050*/               @P2 BRA 0x10 ;                                           /* 0xfffffff800282947 */
+        /*0060*/                   EXIT ;                                               /* 0x000000000000794d */
+        /*0070*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR8+0x2600], R11 ; /* 0x0026000bff0075a7 */
+        /*0080*/              @!P0 BRA 0x70 ;                                           /* 0xfffffffc00f88947 */
+        /*0090*/                   BRA 0x40 ;                                           /* 0xfffffff000bc7947 */
+"""
+
+
+def test_a_tma_waits_out_of_line_retry_is_not_taken_for_the_main_loop():
+    loop = profile_sass(TMA_SASS)
+    assert (loop.instructions, loop.tensor_instruction) == (5, "HGMMA")
+
+
 def _static_run(tmp_path, *arguments):
     """The CLI in a process of its own: the test process interprets Triton (conftest), which compiles nothing."""
     environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -66,6 +87,41 @@ def test_static_report_of_one_layer_is_complete_and_nothing_spills(tmp_path):
     table = result.stdout
     assert table.startswith("hsort bench --static | sm_90 | triton ") and table.count("conv_0_0  ") == 6
     assert "compile: 3 kernels for 3 launches in" in table and f"every launch: {out}" in table
+
+
+def test_the_paper_unets_16_channel_layer_compiles_to_tma_kernels_on_wgmma_without_spills(tmp_path):
+    """At 16 channels the stride-1 conv, its input gradient (a transposed conv) and its weight gradient (tap 0,
+    which also sums the bias gradient, apart from the other taps) read their tiles by TMA descriptors."""
+    result, out = _static_run(tmp_path, "--preset", "paper", "--size", "16", "--dtype", "bfloat16", "--layers", "conv_0_0")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["dtypes"]["bfloat16"]["devices"]["H100 SXM5 80GB"]["rows"]
+    kernels = [(r["role"], r["kernel"]) for r in rows]
+    assert kernels == [
+        ("forward", "_per_sample_conv3d_tma_forward_kernel"),
+        ("input-grad", "_per_sample_conv3d_tma_forward_kernel"),
+        ("weight-grad", "_per_sample_conv3d_tma_weight_grad_kernel"),
+        ("weight-grad", "_per_sample_conv3d_tma_weight_grad_kernel"),
+    ]
+    assert all(r["spill_bytes"] == 0 and r["tensor_instruction"] == "HGMMA" for r in rows)
+    # the weight gradient's floor is shared out between its two launches, not counted twice
+    forward, weight_grads = rows[0], rows[2:]
+    assert sum(r["floor_compute_s"] for r in weight_grads) == pytest.approx(forward["floor_compute_s"])
+
+
+def test_an_a100_gets_the_gathering_kernels_and_a_hopper_the_tma_ones():
+    """Captured in a process of its own: the test process interprets Triton (conftest), whose launches are not recorded."""
+    script = (
+        "from hypersort_core.config import ModelConfig\n"
+        "from hypersort_core.static_bench import capture_training_step\n"
+        "for arch in (80, 90):\n"
+        "    print(sorted({l.kernel_name for l in capture_training_step(ModelConfig(), 16, 2, 'bfloat16', arch)}))\n"
+    )
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment, timeout=300)
+    assert result.returncode == 0, result.stderr
+    a100, hopper = result.stdout.splitlines()
+    assert "tma" not in a100 and "_per_sample_conv3d_weight_grad_kernel" in a100
+    assert "_per_sample_conv3d_tma_forward_kernel" in hopper and "_per_sample_conv3d_tma_weight_grad_kernel" in hopper
 
 
 @pytest.mark.parametrize(
