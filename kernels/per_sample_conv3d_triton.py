@@ -918,6 +918,21 @@ def _weight_grad_chunk(c_x: int, element_size: int) -> int:
     return 16 if element_size == 4 and c_x <= 16 else 64
 
 
+def _weight_grad_box(row_elements: int, element_size: int) -> tuple[int, int, int]:
+    """The TMA weight gradient's box of voxels: 8 x 8 in an (h, w) plane, as many planes (up to 8) as one pipeline
+    stage of TMA_STAGE_BYTES holds rows of `row_elements` (the run's x chunks and g's block)."""
+    rows = TMA_STAGE_BYTES // (row_elements * element_size)
+    return (min(max((1 << (rows.bit_length() - 1)) // 64, 1), 8), 8, 8)
+
+
+def _reduced_partials(partial_w: torch.Tensor, partial_b: torch.Tensor | None, kernel_size: Triple) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The splits' partial sums added up: dw as [B, N, C, kd, kh, kw] and the bias gradient as [B, N] (or None)."""
+    batch, _, k, c_g = partial_w.shape
+    c_x = k // math.prod(kernel_size)
+    dw = partial_w.sum(dim=1).view(batch, *kernel_size, c_x, c_g).permute(0, 5, 4, 1, 2, 3)
+    return dw, None if partial_b is None else partial_b.sum(dim=1)
+
+
 def _launch_tma_weight_grad(
     g: torch.Tensor, x: torch.Tensor, kernel_size: Triple, padding: Triple, bias_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -929,8 +944,7 @@ def _launch_tma_weight_grad(
     c_x = x.shape[-1]
     block_n, block_c = min(max(triton.next_power_of_2(c_g), 16), 64), _weight_grad_chunk(c_x, x.element_size())
     tap_run = kernel_size[2] if kernel_size[2] <= MAX_TAP_RUN else 1  # divides KW: every run is whole
-    rows = TMA_STAGE_BYTES // ((tap_run * block_c + block_n) * x.element_size())
-    box = (min(max((1 << (rows.bit_length() - 1)) // 64, 1), 8), 8, 8)
+    box = _weight_grad_box(tap_run * block_c + block_n, x.element_size())
     boxes = math.prod(triton.cdiv(n, b) for n, b in zip(g_size, box))
     runs = kernel_size[0] * kernel_size[1] * triton.cdiv(kernel_size[2], tap_run)
     tiles_per_run = triton.cdiv(c_x, block_c) * triton.cdiv(c_g, block_n)
@@ -970,8 +984,7 @@ def _launch_tma_weight_grad(
             num_warps=NUM_WARPS,
             num_stages=TMA_STAGES,
         )
-    dw = partial_w.sum(dim=1).view(batch, *kernel_size, c_x, c_g).permute(0, 5, 4, 1, 2, 3)
-    return dw, partial_b.sum(dim=1) if bias_grad else None
+    return _reduced_partials(partial_w, partial_b if bias_grad else None, kernel_size)
 
 
 def _launch_weight_grad(
@@ -1017,8 +1030,7 @@ def _launch_weight_grad(
         BLOCK_K=block_k,
         num_warps=NUM_WARPS,
     )
-    dw = partial_w.sum(dim=1).view(batch, *kernel_size, c_x, c_g).permute(0, 5, 4, 1, 2, 3)
-    return dw, partial_b.sum(dim=1) if bias_grad else None
+    return _reduced_partials(partial_w, partial_b if bias_grad else None, kernel_size)
 
 
 def per_sample_conv3d_backward(
