@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import signal
 import sys
 import traceback
@@ -36,8 +37,10 @@ def reports_bad_input(command):
         try:
             with sigterm_raises():
                 return command(*args, **kwargs)
-        except MainProcessStopped:
-            sys.exit(0)  # rank 0 prints the error and returns its exit code; failing here first would hide it
+        except MainProcessStopped:  # rank 0 prints the error and returns its exit code; failing here first would hide it
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)  # at once: the process group's teardown, racing rank 0's, could abort (C++ terminate, exit 134)
         except _bad_input_errors() as error:
             _fail(str(error))
         except (click.exceptions.ClickException, click.exceptions.Abort, click.exceptions.Exit):

@@ -138,7 +138,8 @@ def world_from_environment() -> World:
 
 @contextlib.contextmanager
 def joined(device_name: str) -> Iterator[World]:
-    """This process's World, joined to its process group for the duration (left again on exit).
+    """This process's World, joined to its process group for the duration (left again on exit, except when rank 0
+    has stopped: then the process exits without it, see `reports_bad_input`).
 
     A group that the caller already set up is used as it is and left alone.
     """
@@ -155,8 +156,12 @@ def joined(device_name: str) -> Iterator[World]:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=minutes))
     try:
         yield world
-    finally:
+    except MainProcessStopped:
+        raise  # rank 0 is leaving: tearing the group down against it can abort this process (gloo), so the exit does
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    dist.destroy_process_group()
 
 
 def launch(nproc: int, module_arguments: list[str], environment: dict[str, str]) -> int:

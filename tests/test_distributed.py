@@ -1,6 +1,7 @@
 """Training on several processes (torchrun, gloo on the CPU) computes what one process computes with the
 same effective batch: the same gradients, every case's latent moving, the same latents after a few steps."""
 
+import contextlib
 import csv
 import os
 import shutil
@@ -200,3 +201,23 @@ def test_a_bad_collective_timeout_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="HSORT_DIST_TIMEOUT_MINUTES"), joined("cpu"):
         pass
+
+
+def test_a_process_stopped_by_rank_0_leaves_its_process_group_to_the_exit(monkeypatch):
+    """Tearing the group down while rank 0 tears down its own can abort (gloo: C++ terminate, exit 134, seen in CI),
+    so on MainProcessStopped the group is left to the process's exit; every other way out destroys it."""
+    from hypersort_core import distributed
+    from hypersort_core.faults import MainProcessStopped
+
+    destroyed = []
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda *args, **kwargs: None)
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: destroyed.append(True))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    for error in (MainProcessStopped("process 0 stopped: disk full"), ConfigError("bad input"), None):
+        destroyed.clear()
+        with pytest.raises(type(error)) if error else contextlib.nullcontext(), joined("cpu"):
+            if error:
+                raise error
+        assert destroyed == ([] if isinstance(error, MainProcessStopped) else [True])
