@@ -1,3 +1,4 @@
+import atexit
 import os
 import shutil
 import signal
@@ -12,6 +13,7 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
 
 # Prepared cases go to a cache shared across runs (~/.cache/hypersort by default): never the user's in tests.
 os.environ["HSORT_CACHE"] = tempfile.mkdtemp(prefix="hsort-test-cache-")
+atexit.register(shutil.rmtree, os.environ["HSORT_CACHE"], ignore_errors=True)
 
 # Triton decides between compiling and interpreting when it is first imported, and other code (torch's
 # own FLOP counter, the benchmarks) may import it before a kernel test runs: without a GPU, interpret.
