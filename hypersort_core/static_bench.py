@@ -251,7 +251,7 @@ def capture_training_step(config: ModelConfig, size: int, batch: int, dtype: str
             ({k: v for k, v in asdict(candidate).items() if k not in ("name", "needs_input_grad")} for candidate in layers if candidate.name == layer), None
         )
         programs = sum(launch.programs for launch in launches[first:])
-        for launch in launches[first:]:  # a role split over launches (the TMA weight gradient's tap 0) shares its floor out
+        for launch in launches[first:]:  # a role run as several launches shares its floor out between them
             share = launch.programs / programs
             launch.flops, launch.bytes, launch.shape = flops * share, traffic * share, shape
 

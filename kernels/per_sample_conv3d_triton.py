@@ -9,7 +9,8 @@ On Hopper (and in the interpreter), where the input has whole 16-channel rows in
   output phase), as an implicit GEMM over a box of output voxels whose input rows, for each tap, are the box
   shifted, which one TMA descriptor load brings in, zero outside the volume.  No per-row address or bounds
   arithmetic remains in its loop.  It runs the UNet's stride-1 convs, every input gradient (each a transposed
-  conv) and the transposed convs' forward.
+  conv; a stride-1 one as a conv with the flipped kernel, so that it reuses the forward conv's compiled kernel)
+  and the transposed convs' forward.
 * `_per_sample_conv3d_tma_weight_grad_kernel`: a stride-1 conv's weight gradient (and the bias gradient), the
   same boxes of x and of the output gradient read by descriptors, x's channel chunk as the dot's M.
 
@@ -259,7 +260,6 @@ def _per_sample_conv3d_tma_forward_kernel(
     PH: tl.constexpr,
     PW: tl.constexpr,
     TRANSPOSED: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     BOX_D: tl.constexpr,
@@ -275,6 +275,8 @@ def _per_sample_conv3d_tma_forward_kernel(
     grid's third axis enumerating (sample, phase)).  For each tap the input rows it needs form the same box shifted
     (`_tma_tap`), which one descriptor load brings into shared memory, zero where the box leaves the volume: no
     per-row address or bounds arithmetic remains in the loop, one trip per (tap, chunk of BLOCK_K channels).
+    There is always a bias (zeros where the op has none), so that a stride-1 conv's input gradient, run as a conv
+    with the flipped kernel, shares the compiled kernel of the forward conv with its channel counts.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -315,9 +317,7 @@ def _per_sample_conv3d_tma_forward_kernel(
     oh = (h0 + r // BOX_W % BOX_H) * SH + phase_h
     ow = (w0 + r % BOX_W) * SW + phase_w
     row_ok = (od < D_OUT) & (oh < H_OUT) & (ow < W_OUT)
-    _store_output_tile(
-        acc, bias_ptr, y_ptr, pid_b.to(tl.int64), od, oh, ow, cols, row_ok, col_ok, stride_bb, stride_yb, stride_yd, stride_yh, stride_yw, HAS_BIAS
-    )
+    _store_output_tile(acc, bias_ptr, y_ptr, pid_b.to(tl.int64), od, oh, ow, cols, row_ok, col_ok, stride_bb, stride_yb, stride_yd, stride_yh, stride_yw, True)
 
 
 @triton.jit
@@ -594,7 +594,7 @@ def _per_sample_conv3d_tma_weight_grad_kernel(
     TAP_RUN: tl.constexpr,
     FIRST_RUN: tl.constexpr,
     G_DESCRIPTOR: tl.constexpr,
-    SUM_ROWS: tl.constexpr,
+    BIAS_SUM: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     BOX_D: tl.constexpr,
@@ -608,11 +608,13 @@ def _per_sample_conv3d_tma_weight_grad_kernel(
     masked loads instead where its rows are too narrow for a descriptor (G_DESCRIPTOR false: g_desc is a pointer).
 
     A program owns a run of TAP_RUN taps along w (from run FIRST_RUN on: (kd, kh) and the run's first kw), one
-    chunk of BLOCK_C channels of x and one block of BLOCK_N channels of g: each box of g it loads serves the
-    run's taps, one accumulator each.  The chunk is the dot's M and at least 64 wide, so that Hopper's wgmma
-    applies: a box wider than x's channels reads zeros beyond them.  With SUM_ROWS (a launch of run 0 alone, so
-    that the other runs do not pay for it) the first chunk's programs also write partial_b[b, split, n] =
-    sum_m g[b, m, n], the conv's bias gradient.
+    chunk of BLOCK_C channels of x and one block of BLOCK_N channels of g: each box of g it loads serves the run's
+    taps, one accumulator each.  The chunk is the dot's M and at least 64 wide, so that Hopper's wgmma applies: a
+    box wider than x's channels reads zeros beyond them.  Unless BIAS_SUM is "none", the programs of run 0's first
+    chunk also write partial_b[b, split, n] = sum_m g[b, m, n], the conv's bias gradient, summed in the loop by
+    every program of the launch: "dot" by one more dot with a tile of ones (16-bit g: ~64 more instructions a trip
+    at 16 channels, so all runs are one launch and one compiled kernel), "add" in registers (float32 g, where that
+    TF32 dot took ~350 and spilled: ~100, and so in a launch of run 0 alone, that the other runs do not pay).
     """
     pid_rcn = tl.program_id(0)
     pid_bs = tl.program_id(1)
@@ -633,7 +635,10 @@ def _per_sample_conv3d_tma_weight_grad_kernel(
     BLOCK_M: tl.constexpr = BOX_D * BOX_H * BOX_W
 
     accs = (tl.zeros((BLOCK_C, BLOCK_N), dtype=tl.float32),) * TAP_RUN
-    g_sum = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # summed over rows once, after the loop
+    if BIAS_SUM == "dot":
+        g_sum = tl.zeros((BLOCK_N, 16), dtype=tl.float32)  # each column the sum of g's rows so far
+    else:
+        g_sum = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # summed over its rows after the loop
     first = split * BOXES_PER_SPLIT
     for box in range(first, tl.minimum(first + BOXES_PER_SPLIT, BOXES)):
         d0 = box // (BOXES_H * BOXES_W) * BOX_D
@@ -648,7 +653,9 @@ def _per_sample_conv3d_tma_weight_grad_kernel(
             x = x_desc.load([pid_b, d0 + kd - PD, h0 + kh - PH, w0 + kw0 + j - PW, c0]).reshape(BLOCK_M, BLOCK_C)
             updated = updated + (_dot(tl.trans(x), g, accs[j], INPUT_PRECISION, UPCAST),)
         accs = updated
-        if SUM_ROWS:
+        if BIAS_SUM == "dot":
+            g_sum = _dot(tl.trans(g), tl.full((BLOCK_M, 16), 1.0, g.dtype), g_sum, INPUT_PRECISION, UPCAST)
+        elif BIAS_SUM == "add":
             g_sum += g.to(tl.float32)
 
     cs = c0 + tl.arange(0, BLOCK_C)
@@ -658,9 +665,10 @@ def _per_sample_conv3d_tma_weight_grad_kernel(
         tap = (kd * KH + kh) * KW + kw0 + j
         w_offsets = (partial_base * (KD * KH * KW * C_X) + tap * C_X + cs)[:, None] * C_G + ns[None, :]
         tl.store(partial_w_ptr + w_offsets, accs[j], mask=(cs < C_X)[:, None] & (ns < C_G)[None, :])
-    if SUM_ROWS:  # noqa: SIM102 (a constexpr branch, compiled out; the inner test runs on the GPU)
-        if c0 == 0:
-            tl.store(partial_b_ptr + partial_base * C_G + ns, tl.sum(g_sum, axis=0), mask=ns < C_G)
+    if BIAS_SUM != "none":  # noqa: SIM102 (a constexpr branch, compiled out; the inner test runs on the GPU)
+        if (run == 0) & (c0 == 0):
+            db = tl.max(g_sum, axis=1) if BIAS_SUM == "dot" else tl.sum(g_sum, axis=0)  # "dot": equal columns
+            tl.store(partial_b_ptr + partial_base * C_G + ns, db, mask=ns < C_G)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -830,7 +838,7 @@ def _launch_tma_forward(
     batch, *out_size, c_out = y.shape
     box, block_n, block_k = _tma_blocks(x.shape[-1], c_out, x.element_size())
     x_desc = TensorDescriptor.from_tensor(x, [1, *box, block_k])
-    bias_ptr, bias_stride = _bias_args(bias, y)
+    bias_ptr, bias_stride = _bias_args(y.new_zeros((batch, c_out)) if bias is None else bias, y)
     boxes = math.prod(triton.cdiv(triton.cdiv(n, s), b) for n, s, b in zip(out_size, stride, box))
     _per_sample_conv3d_tma_forward_kernel[(boxes, triton.cdiv(c_out, block_n), batch * math.prod(stride))](
         x_desc,
@@ -845,7 +853,6 @@ def _launch_tma_forward(
         C_OUT=c_out,
         **_geometry(kernel_size, stride, padding),
         TRANSPOSED=transposed,
-        HAS_BIAS=bias is not None,
         INPUT_PRECISION=_precision(x),
         UPCAST=_upcast(x),
         BOX_D=box[0],
@@ -865,9 +872,14 @@ def _launch_conv_transpose3d(
     batch, *size, c_in = x.shape
     c_out, kernel_size = weight.shape[2], tuple(weight.shape[3:])
     y = x.new_empty((batch, *out_size, c_out))
-    w = weight.permute(0, 3, 4, 5, 1, 2).contiguous()  # [B, kd, kh, kw, Cin, Cout]
+    w = weight.permute(0, 3, 4, 5, 1, 2)  # [B, kd, kh, kw, Cin, Cout]
     if _descriptor_fits(_channels_last(x)):
-        return _launch_tma_forward(_channels_last(x), w, bias, y, kernel_size, stride, padding, transposed=True)
+        x = _channels_last(x)
+        if stride == (1, 1, 1):  # a conv with the flipped kernel: the forward conv's compiled kernel serves it
+            conv_padding = tuple(k - 1 - p for k, p in zip(kernel_size, padding))
+            return _launch_tma_forward(x, w.flip(1, 2, 3).contiguous(), bias, y, kernel_size, stride, conv_padding, transposed=False)
+        return _launch_tma_forward(x, w.contiguous(), bias, y, kernel_size, stride, padding, transposed=True)
+    w = w.contiguous()
     blocks = _data_blocks(triton.cdiv(kernel_size[2], stride[2]) * c_in, c_out)
     phase_voxels = 1
     for n, s in zip(out_size, stride):
@@ -937,7 +949,8 @@ def _launch_tma_weight_grad(
     g: torch.Tensor, x: torch.Tensor, kernel_size: Triple, padding: Triple, bias_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The stride-1 weight gradient through descriptors over g and x; returns what `_launch_weight_grad` returns.
-    With `bias_grad`, the first run of taps is a launch of its own that also sums g."""
+    The bias gradient is summed by a dot in the one launch for 16-bit g, in registers by a launch of the first run of
+    taps for float32 (the kernel's docstring says why)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     batch, *g_size, c_g = g.shape
@@ -956,8 +969,13 @@ def _launch_tma_weight_grad(
     g_by_descriptor = _descriptor_fits(g)
     g_operand = TensorDescriptor.from_tensor(g, [1, *box, block_n]) if g_by_descriptor else g
     descriptors = (g_operand, TensorDescriptor.from_tensor(x, [1, *box, block_c]))
-    launches = ((0, 1, True), (1, runs - 1, False)) if bias_grad else ((0, runs, False),)
-    for first_run, launch_runs, sum_rows in launches:
+    if not bias_grad:
+        launches = ((0, runs, "none"),)
+    elif g.element_size() == 2:
+        launches = ((0, runs, "dot"),)
+    else:
+        launches = ((0, 1, "add"), (1, runs - 1, "none"))
+    for first_run, launch_runs, bias_sum in launches:
         if launch_runs == 0:
             continue
         _per_sample_conv3d_tma_weight_grad_kernel[(launch_runs * tiles_per_run, batch * splits)](
@@ -973,7 +991,7 @@ def _launch_tma_weight_grad(
             TAP_RUN=tap_run,
             FIRST_RUN=first_run,
             G_DESCRIPTOR=g_by_descriptor,
-            SUM_ROWS=sum_rows,
+            BIAS_SUM=bias_sum,
             INPUT_PRECISION=_precision(x),
             UPCAST=_upcast(x),
             BOX_D=box[0],

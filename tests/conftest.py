@@ -13,7 +13,6 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
 
 # Prepared cases go to a cache shared across runs (~/.cache/hypersort by default): never the user's in tests.
 os.environ["HSORT_CACHE"] = tempfile.mkdtemp(prefix="hsort-test-cache-")
-atexit.register(shutil.rmtree, os.environ["HSORT_CACHE"], ignore_errors=True)
 
 # Triton decides between compiling and interpreting when it is first imported, and other code (torch's
 # own FLOP counter, the benchmarks) may import it before a kernel test runs: without a GPU, interpret.
@@ -26,6 +25,8 @@ from tiny_runs import tiny_config
 
 from hypersort_core.data import make_synthetic_dataset
 from hypersort_core.train import fit
+
+atexit.register(shutil.rmtree, os.environ["HSORT_CACHE"], ignore_errors=True)  # that cache, once the run ends
 
 
 @pytest.fixture(autouse=True)

@@ -159,6 +159,7 @@ def test_bfloat16_tma_conv_accumulates_in_float32():
     assert_matches(y, y64, 16 * 27)
     assert_matches(grads[0], grads64[0], 16 * 27)
     assert_matches(grads[1], grads64[1], 5 * 6 * 9)
+    assert_matches(grads[2], grads64[2], 5 * 6 * 9)  # summed by a dot with ones, on the tensor cores
 
 
 def test_input_without_gradient_still_gets_weight_and_bias_gradients():
