@@ -222,6 +222,21 @@ def _per_sample_conv3d_forward_kernel(
 
 
 @triton.jit
+def _box_origin(box, H: tl.constexpr, W: tl.constexpr, BOX_D: tl.constexpr, BOX_H: tl.constexpr, BOX_W: tl.constexpr):
+    """(d0, h0, w0) of box number `box` of a volume of H x W planes cut into BOX_D x BOX_H x BOX_W boxes, w fastest."""
+    BOXES_H: tl.constexpr = (H + BOX_H - 1) // BOX_H
+    BOXES_W: tl.constexpr = (W + BOX_W - 1) // BOX_W
+    return box // (BOXES_H * BOXES_W) * BOX_D, box // BOXES_W % BOXES_H * BOX_H, box % BOXES_W * BOX_W
+
+
+@triton.jit
+def _box_voxels(d0, h0, w0, BOX_D: tl.constexpr, BOX_H: tl.constexpr, BOX_W: tl.constexpr):
+    """(d, h, w) of each row of the box at (d0, h0, w0), in the row order of a descriptor load of it."""
+    r = tl.arange(0, BOX_D * BOX_H * BOX_W)
+    return d0 + r // (BOX_H * BOX_W), h0 + r // BOX_W % BOX_H, w0 + r % BOX_W
+
+
+@triton.jit
 def _tma_tap(phase, j, S: tl.constexpr, P: tl.constexpr, TRANSPOSED: tl.constexpr):
     """Along one axis, the offset from a program's box to the input rows that tap j reads, and the weight tap it is.
 
@@ -285,11 +300,7 @@ def _per_sample_conv3d_tma_forward_kernel(
     phase_d = phase // (SH * SW)
     phase_h = phase // SW % SH
     phase_w = phase % SW
-    BOXES_H: tl.constexpr = ((H_OUT + SH - 1) // SH + BOX_H - 1) // BOX_H
-    BOXES_W: tl.constexpr = ((W_OUT + SW - 1) // SW + BOX_W - 1) // BOX_W
-    d0 = pid_m // (BOXES_H * BOXES_W) * BOX_D
-    h0 = pid_m // BOXES_W % BOXES_H * BOX_H
-    w0 = pid_m % BOXES_W * BOX_W
+    d0, h0, w0 = _box_origin(pid_m, (H_OUT + SH - 1) // SH, (W_OUT + SW - 1) // SW, BOX_D, BOX_H, BOX_W)  # of the phase's voxels
     BLOCK_M: tl.constexpr = BOX_D * BOX_H * BOX_W
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < C_OUT
@@ -312,10 +323,8 @@ def _per_sample_conv3d_tma_forward_kernel(
         wt = tl.load(w_base + ks[:, None] * C_OUT + cols[None, :], mask=(ks < k_live)[:, None] & col_ok[None, :], other=0.0)
         acc = _dot(a, wt, acc, INPUT_PRECISION, UPCAST)
 
-    r = tl.arange(0, BLOCK_M)
-    od = (d0 + r // (BOX_H * BOX_W)) * SD + phase_d
-    oh = (h0 + r // BOX_W % BOX_H) * SH + phase_h
-    ow = (w0 + r % BOX_W) * SW + phase_w
+    qd, qh, qw = _box_voxels(d0, h0, w0, BOX_D, BOX_H, BOX_W)
+    od, oh, ow = qd * SD + phase_d, qh * SH + phase_h, qw * SW + phase_w
     row_ok = (od < D_OUT) & (oh < H_OUT) & (ow < W_OUT)
     _store_output_tile(acc, bias_ptr, y_ptr, pid_b.to(tl.int64), od, oh, ow, cols, row_ok, col_ok, stride_bb, stride_yb, stride_yd, stride_yh, stride_yw, True)
 
@@ -563,10 +572,7 @@ def _load_box(
 ):
     """The [BOX_D * BOX_H * BOX_W, BLOCK_N] box of contiguous [B, D, H, W, C] memory at (d0, h0, w0, n0), zero outside,
     as a descriptor load would give it."""
-    r = tl.arange(0, BOX_D * BOX_H * BOX_W)
-    d = d0 + r // (BOX_H * BOX_W)
-    h = h0 + r // BOX_W % BOX_H
-    w = w0 + r % BOX_W
+    d, h, w = _box_voxels(d0, h0, w0, BOX_D, BOX_H, BOX_W)
     ns = n0 + tl.arange(0, BLOCK_N)
     rows = ((pid_b.to(tl.int64) * D + d) * H + h) * W + w
     return tl.load(t_ptr + rows[:, None] * C + ns[None, :], mask=((d < D) & (h < H) & (w < W))[:, None] & (ns < C)[None, :], other=0.0)
@@ -629,9 +635,7 @@ def _per_sample_conv3d_tma_weight_grad_kernel(
     kw0 = run % RUNS_W * TAP_RUN
     pid_b = pid_bs // SPLITS
     split = pid_bs % SPLITS
-    BOXES_H: tl.constexpr = (H_G + BOX_H - 1) // BOX_H
-    BOXES_W: tl.constexpr = (W_G + BOX_W - 1) // BOX_W
-    BOXES: tl.constexpr = (D_G + BOX_D - 1) // BOX_D * BOXES_H * BOXES_W
+    BOXES: tl.constexpr = (D_G + BOX_D - 1) // BOX_D * ((H_G + BOX_H - 1) // BOX_H) * ((W_G + BOX_W - 1) // BOX_W)
     BLOCK_M: tl.constexpr = BOX_D * BOX_H * BOX_W
 
     accs = (tl.zeros((BLOCK_C, BLOCK_N), dtype=tl.float32),) * TAP_RUN
@@ -641,9 +645,7 @@ def _per_sample_conv3d_tma_weight_grad_kernel(
         g_sum = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # summed over its rows after the loop
     first = split * BOXES_PER_SPLIT
     for box in range(first, tl.minimum(first + BOXES_PER_SPLIT, BOXES)):
-        d0 = box // (BOXES_H * BOXES_W) * BOX_D
-        h0 = box // BOXES_W % BOXES_H * BOX_H
-        w0 = box % BOXES_W * BOX_W
+        d0, h0, w0 = _box_origin(box, H_G, W_G, BOX_D, BOX_H, BOX_W)
         if G_DESCRIPTOR:
             g = g_desc.load([pid_b, d0, h0, w0, n0]).reshape(BLOCK_M, BLOCK_N)
         else:  # rows of too few channels for a descriptor (the last conv's 2): masked loads, once per box
