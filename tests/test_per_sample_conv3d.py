@@ -78,6 +78,7 @@ TRANSPOSE_CASES = [
     (2, 16, 5, (3, 4, 5), 4, 2, 1, True),
     (1, 32, 16, (3, 2, 3), 2, 2, 0, False),
     (1, 16, 3, (3, 4, 3), 3, 2, 1, True),  # k3 s2: phases with a tap past the kernel
+    (1, 16, 32, (3, 4, 5), 3, 1, 0, True),  # stride 1: a conv with the flipped kernel and padding k - 1 - p = 2, a bias
 ]
 
 
