@@ -251,7 +251,7 @@ def capture_training_step(config: ModelConfig, size: int, batch: int, dtype: str
             ({k: v for k, v in asdict(candidate).items() if k not in ("name", "needs_input_grad")} for candidate in layers if candidate.name == layer), None
         )
         programs = sum(launch.programs for launch in launches[first:])
-        for launch in launches[first:]:  # a role run as several launches shares its floor out between them
+        for launch in launches[first:]:  # a role run as several launches (float32 TMA weight gradients) shares its floor out
             share = launch.programs / programs
             launch.flops, launch.bytes, launch.shape = flops * share, traffic * share, shape
 

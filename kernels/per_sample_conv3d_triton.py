@@ -874,9 +874,8 @@ def _launch_conv_transpose3d(
     batch, *size, c_in = x.shape
     c_out, kernel_size = weight.shape[2], tuple(weight.shape[3:])
     y = x.new_empty((batch, *out_size, c_out))
-    w = weight.permute(0, 3, 4, 5, 1, 2)  # [B, kd, kh, kw, Cin, Cout]
-    if _descriptor_fits(_channels_last(x)):
-        x = _channels_last(x)
+    x, w = _channels_last(x), weight.permute(0, 3, 4, 5, 1, 2)  # w: [B, kd, kh, kw, Cin, Cout]
+    if _descriptor_fits(x):
         if stride == (1, 1, 1):  # a conv with the flipped kernel: the forward conv's compiled kernel serves it
             conv_padding = tuple(k - 1 - p for k, p in zip(kernel_size, padding))
             return _launch_tma_forward(x, w.flip(1, 2, 3).contiguous(), bias, y, kernel_size, stride, conv_padding, transposed=False)
