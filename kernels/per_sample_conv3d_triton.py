@@ -222,10 +222,11 @@ def _per_sample_conv3d_forward_kernel(
 
 
 @triton.jit
-def _box_origin(box, H: tl.constexpr, W: tl.constexpr, BOX_D: tl.constexpr, BOX_H: tl.constexpr, BOX_W: tl.constexpr):
-    """(d0, h0, w0) of box number `box` of a volume of H x W planes cut into BOX_D x BOX_H x BOX_W boxes, w fastest."""
-    BOXES_H: tl.constexpr = (H + BOX_H - 1) // BOX_H
-    BOXES_W: tl.constexpr = (W + BOX_W - 1) // BOX_W
+def _box_origin(box, H, W, BOX_D: tl.constexpr, BOX_H: tl.constexpr, BOX_W: tl.constexpr):
+    """(d0, h0, w0) of box number `box` of a volume of H x W planes cut into BOX_D x BOX_H x BOX_W boxes, w fastest
+    (H and W constexpr or not)."""
+    BOXES_H = (H + BOX_H - 1) // BOX_H
+    BOXES_W = (W + BOX_W - 1) // BOX_W
     return box // (BOXES_H * BOXES_W) * BOX_D, box // BOXES_W % BOXES_H * BOX_H, box % BOXES_W * BOX_W
 
 
@@ -254,16 +255,16 @@ def _per_sample_conv3d_tma_forward_kernel(
     w_ptr,
     bias_ptr,
     y_ptr,
-    D_OUT: tl.constexpr,
-    H_OUT: tl.constexpr,
-    W_OUT: tl.constexpr,
+    D_OUT,
+    H_OUT,
+    W_OUT,
     stride_wb,
     stride_bb,
     stride_yb,
     stride_yd,
     stride_yh,
     stride_yw,
-    C_IN: tl.constexpr,
+    C_IN,
     C_OUT: tl.constexpr,
     KD: tl.constexpr,
     KH: tl.constexpr,
@@ -291,7 +292,10 @@ def _per_sample_conv3d_tma_forward_kernel(
     (`_tma_tap`), which one descriptor load brings into shared memory, zero where the box leaves the volume: no
     per-row address or bounds arithmetic remains in the loop, one trip per (tap, chunk of BLOCK_K channels).
     There is always a bias (zeros where the op has none), so that a stride-1 conv's input gradient, run as a conv
-    with the flipped kernel, shares the compiled kernel of the forward conv with its channel counts.
+    with the flipped kernel, shares the compiled kernel of the forward conv with its channel counts; and the input
+    channels and the volume's size are run-time values, so that convs of the same output channels and K tile share
+    one too (the decoder's first conv with the level's others, the 128-channel convs at two levels): fewer kernels
+    to compile in a run's first step (`hsort bench --static`), for a few instructions a trip.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -307,21 +311,26 @@ def _per_sample_conv3d_tma_forward_kernel(
 
     w_base = w_ptr + pid_b.to(tl.int64) * stride_wb
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    CHUNKS: tl.constexpr = C_IN // BLOCK_K  # the launcher takes BLOCK_K dividing C_IN
     TD: tl.constexpr = (KD + SD - 1) // SD
     TH: tl.constexpr = (KH + SH - 1) // SH
     TW: tl.constexpr = (KW + SW - 1) // SW
-    for step in range(TD * TH * TW * CHUNKS):
-        j = step // CHUNKS
-        c0 = step % CHUNKS * BLOCK_K
+    j = 0  # the trip's tap of the phase
+    c0 = 0  # and its chunk of channels (the launcher takes BLOCK_K dividing C_IN)
+    for _ in range(TD * TH * TW * (C_IN // BLOCK_K)):
         shift_d, kd = _tma_tap(phase_d, j // (TH * TW), SD, PD, TRANSPOSED)
         shift_h, kh = _tma_tap(phase_h, j // TW % TH, SH, PH, TRANSPOSED)
         shift_w, kw = _tma_tap(phase_w, j % TW, SW, PW, TRANSPOSED)
         a = x_desc.load([pid_b, d0 + shift_d, h0 + shift_h, w0 + shift_w, c0]).reshape(BLOCK_M, BLOCK_K)
         ks = ((kd * KH + kh) * KW + kw) * C_IN + c0 + tl.arange(0, BLOCK_K)
-        k_live = tl.where((kd < KD) & (kh < KH) & (kw < KW), KD * KH * KW * C_IN, 0)  # 0: a tap past the kernel
-        wt = tl.load(w_base + ks[:, None] * C_OUT + cols[None, :], mask=(ks < k_live)[:, None] & col_ok[None, :], other=0.0)
+        w_ok = col_ok[None, :]
+        if TRANSPOSED:  # a tap past the kernel (k not a multiple of s) reads nothing
+            k_live = tl.where((kd < KD) & (kh < KH) & (kw < KW), KD * KH * KW * C_IN, 0)
+            w_ok = (ks < k_live)[:, None] & w_ok
+        wt = tl.load(w_base + ks[:, None] * C_OUT + cols[None, :], mask=w_ok, other=0.0)
         acc = _dot(a, wt, acc, INPUT_PRECISION, UPCAST)
+        c0 += BLOCK_K
+        j += (c0 == C_IN).to(tl.int32)
+        c0 = tl.where(c0 == C_IN, 0, c0)
 
     qd, qh, qw = _box_voxels(d0, h0, w0, BOX_D, BOX_H, BOX_W)
     od, oh, ow = qd * SD + phase_d, qh * SH + phase_h, qw * SW + phase_w
@@ -586,11 +595,11 @@ def _per_sample_conv3d_tma_weight_grad_kernel(
     partial_b_ptr,
     BOXES_PER_SPLIT,
     SPLITS,
+    C_X,
     D_G: tl.constexpr,
     H_G: tl.constexpr,
     W_G: tl.constexpr,
     C_G: tl.constexpr,
-    C_X: tl.constexpr,
     KD: tl.constexpr,
     KH: tl.constexpr,
     KW: tl.constexpr,
@@ -624,7 +633,7 @@ def _per_sample_conv3d_tma_weight_grad_kernel(
     """
     pid_rcn = tl.program_id(0)
     pid_bs = tl.program_id(1)
-    C_CHUNKS: tl.constexpr = (C_X + BLOCK_C - 1) // BLOCK_C
+    C_CHUNKS = tl.cdiv(C_X, BLOCK_C)  # C_X at run time: a level's convs with C_G channels share a compiled kernel
     N_BLOCKS: tl.constexpr = (C_G + BLOCK_N - 1) // BLOCK_N
     RUNS_W: tl.constexpr = (KW + TAP_RUN - 1) // TAP_RUN
     run = FIRST_RUN + pid_rcn // (C_CHUNKS * N_BLOCKS)
@@ -851,7 +860,7 @@ def _launch_tma_forward(
         w.stride(0),
         bias_stride,
         *y.stride()[:4],
-        C_IN=x.shape[-1],
+        x.shape[-1],
         C_OUT=c_out,
         **_geometry(kernel_size, stride, padding),
         TRANSPOSED=transposed,
@@ -985,9 +994,9 @@ def _launch_tma_weight_grad(
             partial_b,
             boxes_per_split,
             splits,
+            c_x,
             *g_size,
             C_G=c_g,
-            C_X=c_x,
             **{k: geometry[k] for k in ("KD", "KH", "KW", "PD", "PH", "PW")},
             TAP_RUN=tap_run,
             FIRST_RUN=first_run,

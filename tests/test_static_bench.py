@@ -131,6 +131,30 @@ def test_an_a100_gets_the_gathering_kernels_and_a_hopper_the_tma_ones():
     assert "_per_sample_conv3d_tma_forward_kernel" in hopper and "_per_sample_conv3d_tma_weight_grad_kernel" in hopper
 
 
+def test_convs_with_the_same_output_channels_share_a_compiled_kernel_in_the_paper_unet():
+    """The TMA kernels take x's channels (and the forward the volume's size) at run time, so that a first training step
+    compiles fewer kernels: the decoder's first conv (twice the channels in) shares its level's weight-gradient kernel,
+    and its forward at the 64-channel level; the 64 -> 128 input gradient shares the 128-channel level's forward.
+    Specialisation keys only, without compiling; in a process of its own, as above."""
+    script = (
+        "import json\n"
+        "from hypersort_core.config import PRESETS\n"
+        "from hypersort_core.static_bench import capture_training_step, kernel_key\n"
+        "launches = capture_training_step(PRESETS['paper']['model'], 168, 2, 'bfloat16', 90)\n"
+        "print(json.dumps([[l.layer, l.role, kernel_key(l, 90)[0]] for l in launches]))\n"
+    )
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment, timeout=300)
+    assert result.returncode == 0, result.stderr
+    launches = json.loads(result.stdout)
+    key = {(layer, role): k for layer, role, k in launches}
+    for level in range(3):
+        assert key[(f"dec_conv_{level}_0", "weight-grad")] == key[(f"conv_{level}_0", "weight-grad")] != key[(f"conv_{level}_0", "forward")]
+    assert key[("dec_conv_2_0", "forward")] == key[("conv_2_0", "forward")]
+    assert key[("dec_conv_2_0", "input-grad")] == key[("conv_3_0", "forward")]
+    assert (len(launches), len({k for _, _, k in launches})) == (88, 37)
+
+
 @pytest.mark.parametrize(
     "arguments, message",
     [
