@@ -115,18 +115,23 @@ def test_the_paper_unets_16_channel_layer_compiles_to_tma_kernels_on_wgmma_witho
     assert sum(r["floor_compute_s"] for r in weight_grads) == pytest.approx(forward["floor_compute_s"])
 
 
+def _captured_in_a_process_of_its_own(script: str) -> str:
+    """What `script` prints, run without TRITON_INTERPRET: the test process interprets Triton (conftest), whose
+    launches are not recorded."""
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 def test_an_a100_gets_the_gathering_kernels_and_a_hopper_the_tma_ones():
-    """Captured in a process of its own: the test process interprets Triton (conftest), whose launches are not recorded."""
     script = (
         "from hypersort_core.config import ModelConfig\n"
         "from hypersort_core.static_bench import capture_training_step\n"
         "for arch in (80, 90):\n"
         "    print(sorted({l.kernel_name for l in capture_training_step(ModelConfig(), 16, 2, 'bfloat16', arch)}))\n"
     )
-    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment, timeout=300)
-    assert result.returncode == 0, result.stderr
-    a100, hopper = result.stdout.splitlines()
+    a100, hopper = _captured_in_a_process_of_its_own(script).splitlines()
     assert "tma" not in a100 and "_per_sample_conv3d_weight_grad_kernel" in a100
     assert "_per_sample_conv3d_tma_forward_kernel" in hopper and "_per_sample_conv3d_tma_weight_grad_kernel" in hopper
 
@@ -135,7 +140,7 @@ def test_convs_with_the_same_output_channels_share_a_compiled_kernel_in_the_pape
     """The TMA kernels take x's channels (and the forward the volume's size) at run time, so that a first training step
     compiles fewer kernels: the decoder's first conv (twice the channels in) shares its level's weight-gradient kernel,
     and its forward at the 64-channel level; the 64 -> 128 input gradient shares the 128-channel level's forward.
-    Specialisation keys only, without compiling; in a process of its own, as above."""
+    Specialisation keys only, without compiling."""
     script = (
         "import json\n"
         "from hypersort_core.config import PRESETS\n"
@@ -143,10 +148,7 @@ def test_convs_with_the_same_output_channels_share_a_compiled_kernel_in_the_pape
         "launches = capture_training_step(PRESETS['paper']['model'], 168, 2, 'bfloat16', 90)\n"
         "print(json.dumps([[l.layer, l.role, kernel_key(l, 90)[0]] for l in launches]))\n"
     )
-    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment, timeout=300)
-    assert result.returncode == 0, result.stderr
-    launches = json.loads(result.stdout)
+    launches = json.loads(_captured_in_a_process_of_its_own(script))
     key = {(layer, role): k for layer, role, k in launches}
     for level in range(3):
         assert key[(f"dec_conv_{level}_0", "weight-grad")] == key[(f"conv_{level}_0", "weight-grad")] != key[(f"conv_{level}_0", "forward")]
