@@ -698,12 +698,18 @@ def run_static(settings: StaticSettings, out: Path | None = None, progress: Call
     return report
 
 
+def _target(arch: int):
+    """The GPU that Triton compiles for, here where there is none."""
+    from triton.backends.compiler import GPUTarget
+
+    return GPUTarget("cuda", arch, WARP_THREADS)
+
+
 def kernel_key(launch: Launch, arch: int) -> tuple[str, tuple]:
     """(key, specialisation) of the kernel a launch compiles: launches with the same key share one compiled kernel."""
-    from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import make_backend
 
-    specialisation = _specialise(launch, make_backend(GPUTarget("cuda", arch, WARP_THREADS)))
+    specialisation = _specialise(launch, make_backend(_target(arch)))
     signature, constexprs, attrs, options = specialisation
     key = repr((launch.kernel_name, signature, sorted(constexprs.items()), sorted(attrs.items()), sorted(options.__dict__.items())))
     return key, specialisation
@@ -711,12 +717,10 @@ def kernel_key(launch: Launch, arch: int) -> tuple[str, tuple]:
 
 def _compile_once(launch: Launch, arch: int, workdir: Path, compiled: dict[str, Compiled]) -> tuple[str, Compiled | None]:
     """Compile a specialisation the first time it is launched: (its key, its figures, or None when known)."""
-    from triton.backends.compiler import GPUTarget
-
     key, specialisation = kernel_key(launch, arch)
     if key in compiled:
         return key, None
-    compiled[key] = _compile(launch, specialisation, GPUTarget("cuda", arch, WARP_THREADS), workdir)
+    compiled[key] = _compile(launch, specialisation, _target(arch), workdir)
     return key, compiled[key]
 
 
