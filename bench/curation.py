@@ -36,7 +36,7 @@ PERTURBED = 0.3
 STYLE_FRACTION = 0.15
 SIZE = 24  # voxels per side, and the ROI: what a 2-core CPU trains in minutes
 BASELINE_FOLDS = 5
-HYPERSORT_SCORES = ("ranked", "norm", "mean_dist", "nll", "loss_lambda0")
+HYPERSORT_SCORES = ("ranked", "misfit", "loss_lambda0", "loss_own", "norm", "mean_dist", "nll")
 BASELINE_SCORES = ("training_loss", "test_dice")
 RECIPE_FIELDS = ("preprocess", "batch_size", "lr", "seed", "augment")  # what the baselines' training depends on
 

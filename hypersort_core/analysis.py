@@ -15,16 +15,19 @@ Scores per case, each one higher where a label deserves a look:
 - `centroid_dist` (method kmeans, which has no likelihood): the distance from its latent to the
   nearest cluster centroid once the case has left its own cluster, the k-means counterpart.
 
-- `loss_lambda0`: the segmentation loss (cross-entropy + soft Dice, training's loss without its latent
-  term) of the given label under the λ = 0 UNet, on the case's prepared ROI: how far the label is from
-  what the main style would draw.  The λ = 0 UNet is trained by the main style's cases only in effect:
-  a wrong label's case is fitted through its own latent, away from 0, so unlike a plain UNet trained
-  on every case this one has not learned the wrong labels.
+- `misfit` (misfit.py): how badly the given label is fitted, the geometric mean of two losses
+  (cross-entropy + soft Dice, training's loss without its latent term) on the case's scored ROI:
+  `loss_lambda0`, under the λ = 0 UNet, which the L1 penalty leaves to the main style's cases, so
+  that labels drawn too tight, too loose or cut short stand out; and `loss_own`, under the UNet of
+  the case's own latent, where what the hyper-network cannot draw for any latent stays unfitted (a
+  leak, a neighbouring structure, holes, a misaligned label).  Each is the running mean over the
+  training epochs that `hsort fit` keeps (a run without one: its final UNet's); the columns
+  `loss_lambda0` and `loss_own` are the final UNet's.
 Beside them stands `dice_lambda0`, the foreground Dice between the given label and the λ = 0 UNet's
 prediction (low: look here).
 
 The ranking orders the cases by RANKED_BY, the best detector of wrong labels on the curation benchmark
-(bench/curation.py; the figures are in the README): `loss_lambda0`.  The paper's scores stay beside it.
+(bench/curation.py; the figures are in the README): `misfit`.  The paper's scores stay beside it.
 
 Clusters: a Gaussian mixture (full covariances, floored at RESOLUTION of the map's spread) whose number
 of components minimises BIC over 1..min(6, N-1, distinct latents), unless `clusters` fixes it; k-means
@@ -50,7 +53,8 @@ from sklearn.mixture import GaussianMixture
 from hypersort_core.config import ConfigError
 from hypersort_core.data import PreparedCase, read_dataset
 from hypersort_core.latents import latent_scores
-from hypersort_core.main_style import main_style_fit
+from hypersort_core.main_style import main_style_fit, run_misfit
+from hypersort_core.misfit import misfit as label_misfit
 from hypersort_core.run import Run
 from hypersort_core.run_folder import ANALYSIS_NAMES
 
@@ -64,13 +68,15 @@ RANDOM_STATE = 0  # the same latents give the same clusters on every call
 RESOLUTION = 0.2
 MIN_SHARE = 1e-6  # cases: a component holding less once a case has left it is gone
 GALLERY = 12
-RANKED_BY = "loss_lambda0"
+RANKED_BY = "misfit"
 DESCRIPTIONS = {  # column headings of the pages
     "norm": "latent norm ‖λ‖",
     "mean_dist": "mean distance",
     "nll": "held-out −log-likelihood",
     "centroid_dist": "held-out centroid distance",
+    "misfit": "misfit (λ = 0 and own loss)",
     "loss_lambda0": "loss under the λ = 0 UNet",
+    "loss_own": "loss under its own latent's UNet",
     "dice_lambda0": "Dice to λ = 0 prediction",
 }
 
@@ -94,12 +100,14 @@ class Clustering:
 @dataclass
 class LabelIssues:
     """Scores, clusters and ranking of a latent table: what `find_label_issues` returns, and what every
-    analysis of a run holds.  Without the λ = 0 losses (latents from elsewhere) the ranking is by norm."""
+    analysis of a run holds.  Without the misfit (latents from elsewhere) the ranking is by norm."""
 
     case_ids: list[str]
     latents: np.ndarray  # [N, d]
     clustering: Clustering
+    misfit: np.ndarray | None = None  # [N] misfit.py: the ranking's score
     loss_lambda0: np.ndarray | None = None  # [N] segmentation loss of the given label under the λ = 0 UNet
+    loss_own: np.ndarray | None = None  # [N] ... under the UNet of the case's own latent
     dice: np.ndarray | None = None  # [N] given label vs λ = 0 prediction
 
     @cached_property
@@ -107,8 +115,9 @@ class LabelIssues:
         """Every per-case number, scores first: what the CSVs, the map and the report show."""
         norm, mean_dist = latent_scores(self.latents)
         columns = {"norm": norm, "mean_dist": mean_dist, self.clustering.density_name: self.clustering.density}
-        if self.loss_lambda0 is not None:
-            columns["loss_lambda0"] = self.loss_lambda0
+        for name in ("misfit", "loss_lambda0", "loss_own"):
+            if getattr(self, name) is not None:
+                columns[name] = getattr(self, name)
         if self.dice is not None:
             columns["dice_lambda0"] = self.dice
         return columns
@@ -171,19 +180,32 @@ def rank_cases(score: np.ndarray) -> np.ndarray:
 
 
 def find_label_issues(
-    latents: np.ndarray, case_ids: list[str] | None = None, method: str = "gmm", clusters: int | None = None, loss_lambda0: np.ndarray | None = None
+    latents: np.ndarray,
+    case_ids: list[str] | None = None,
+    method: str = "gmm",
+    clusters: int | None = None,
+    loss_lambda0: np.ndarray | None = None,
+    loss_own: np.ndarray | None = None,
+    misfit: np.ndarray | None = None,
 ) -> LabelIssues:
     """Score, cluster and rank any latent table [N, d], whatever produced it; nothing is read or written.
 
-    case_ids default to "0", "1", ...; loss_lambda0 (each label's loss under the λ = 0 UNet) makes the
-    ranking the one `hsort analyze` writes, else it is by latent norm."""
+    case_ids default to "0", "1", ...  The losses of each label under the λ = 0 UNet and under its
+    own latent's (a run's ranking.csv has them) give the misfit, unless `misfit` is given itself, and
+    make the ranking the one `hsort analyze` writes; without them it is by latent norm."""
     latents = np.asarray(latents)
     if latents.ndim != 2:
         raise ConfigError(f"latents must be a table [cases, dimensions]; got an array of shape {latents.shape}")
     case_ids = [str(i) for i in range(len(latents))] if case_ids is None else list(case_ids)
-    if len(case_ids) != len(latents) or (loss_lambda0 is not None and len(loss_lambda0) != len(latents)):
+    scores = {
+        name: None if values is None else np.asarray(values, dtype=float)
+        for name, values in (("misfit", misfit), ("loss_lambda0", loss_lambda0), ("loss_own", loss_own))
+    }
+    if len(case_ids) != len(latents) or any(values is not None and len(values) != len(latents) for values in scores.values()):
         raise ConfigError(f"{len(latents)} latents need as many case ids and losses (got {len(case_ids)} ids)")
-    return LabelIssues(case_ids, latents, find_clusters(latents, clusters, method), None if loss_lambda0 is None else np.asarray(loss_lambda0))
+    if scores["misfit"] is None and scores["loss_lambda0"] is not None and scores["loss_own"] is not None:
+        scores["misfit"] = label_misfit(scores["loss_lambda0"], scores["loss_own"])
+    return LabelIssues(case_ids, latents, find_clusters(latents, clusters, method), **scores)
 
 
 def analyze(
@@ -192,7 +214,7 @@ def analyze(
     """Score, cluster and rank the training cases of a loaded run (no file is written: report.py does that)."""
     latents = run.latents
     clustering = find_clusters(latents, clusters, method)  # before the predictions: a bad --clusters fails at once
-    loss, dice = main_style_fit(run, prepared, progress)
+    fit = main_style_fit(run, prepared, progress)
     return Analysis(
         run_dir=run.run_dir,
         data=run.data,
@@ -200,8 +222,10 @@ def analyze(
         label_files=label_files(run),
         latents=latents,
         clustering=clustering,
-        loss_lambda0=loss,
-        dice=dice,
+        misfit=run_misfit(run, fit),
+        loss_lambda0=fit.loss_lambda0,
+        loss_own=fit.loss_own,
+        dice=fit.dice,
         pictures=[None] * len(run.case_ids),
         gallery=gallery,
     )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import nibabel as nib
@@ -134,7 +134,7 @@ class Run(run_module.Run):
 def load_run(run_dir: Path | str, device: str = "auto") -> Run:
     """Load a run folder written by `hsort fit` (or `fit` here)."""
     loaded = run_module.load_run(run_dir, device)
-    return Run(loaded.run_dir, loaded.config, loaded.data, loaded.model, loaded.device)
+    return Run(**{field.name: getattr(loaded, field.name) for field in fields(run_module.Run)})
 
 
 def training_config(preset: str = "paper", **settings) -> TrainConfig:

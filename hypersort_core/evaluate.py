@@ -39,14 +39,16 @@ from hypersort_core.data.layouts import nifti_files_by_case
 from hypersort_core.data.synth import MAIN_STYLE, PERTURBATIONS_NAME
 from hypersort_core.data.volumes import read_case
 from hypersort_core.latents import latent_scores
-from hypersort_core.main_style import main_style_fit, prepared_training_cases
+from hypersort_core.main_style import main_style_fit, prepared_training_cases, run_misfit
 from hypersort_core.metrics import foreground_dice
 from hypersort_core.run import Run
 from hypersort_core.run_folder import EVALUATION_NAME, LOG_NAME
 from hypersort_core.styles import Style, run_styles
 
 SCORE_LABELS = {
+    "misfit": "HyperSORT misfit",
     "loss_lambda0": "HyperSORT loss at λ = 0",
+    "loss_own": "HyperSORT loss at its own λ",
     "latent_norm": "HyperSORT latent norm",
     "mean_distance": "HyperSORT mean distance",
     "training_loss": "plain-UNet training loss",
@@ -195,12 +197,14 @@ def reference_changes(run: Run, reference: Path | None) -> tuple[dict[str, int],
 
 
 def hypersort_scores(run: Run) -> dict[str, dict[str, float]]:
-    """The score `hsort analyze` ranks by, the loss under the λ = 0 UNet (main_style.py), and the paper's
-    two latent scores (latents.py), per case."""
+    """The score `hsort analyze` ranks by, the misfit (misfit.py), the final UNet's losses under λ = 0 and
+    the case's own latent (main_style.py), and the paper's two latent scores (latents.py), per case."""
     norm, mean_distance = latent_scores(run.latents)
-    loss, _ = main_style_fit(run, prepared_training_cases(run))
+    fit = main_style_fit(run, prepared_training_cases(run))
     return {
-        "loss_lambda0": dict(zip(run.case_ids, map(float, loss))),
+        "misfit": dict(zip(run.case_ids, map(float, run_misfit(run, fit)))),
+        "loss_lambda0": dict(zip(run.case_ids, map(float, fit.loss_lambda0))),
+        "loss_own": dict(zip(run.case_ids, map(float, fit.loss_own))),
         "latent_norm": dict(zip(run.case_ids, map(float, norm))),
         "mean_distance": dict(zip(run.case_ids, map(float, mean_distance))),
     }

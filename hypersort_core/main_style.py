@@ -3,18 +3,22 @@
 The L1 penalty puts the main annotation style at λ = 0, and a case whose label the shared UNet cannot
 fit is fitted through its own latent, away from 0; so the λ = 0 UNet has in effect been trained by the
 main style's cases, unlike a plain UNet trained on every case, which learns the wrong labels too.
-`hsort analyze` ranks the cases by this loss (analysis.RANKED_BY) and `hsort evaluate` judges it.
+`hsort analyze` ranks the cases by the misfit of this loss and the one under the case's own latent
+(misfit.py), and `hsort evaluate` judges both.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from hypersort_core.data import DataError, PreparedCase, scored_roi
-from hypersort_core.loss import segmentation_loss
+from hypersort_core.device import autocast_for
 from hypersort_core.metrics import foreground_dice
+from hypersort_core.misfit import label_losses, misfit
 from hypersort_core.run import Run
 
 
@@ -27,18 +31,38 @@ def prepared_training_cases(run: Run, progress: bool = False) -> dict[str, Prepa
     return prepared
 
 
-def main_style_fit(run: Run, prepared: dict[str, PreparedCase], progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """For each training case, its given label against the λ = 0 UNet on the case's prepared ROI: the
-    segmentation loss (cross-entropy + soft Dice, training's loss without its latent term) and the
-    foreground Dice of the prediction."""
+@dataclass
+class MainStyleFit:
+    """Each training case's given label under its run's final UNets (misfit.py says why both)."""
+
+    loss_lambda0: np.ndarray  # [N] under the λ = 0 UNet
+    loss_own: np.ndarray  # [N] under the UNet of the case's own latent
+    dice: np.ndarray  # [N] foreground Dice between the label and the λ = 0 prediction
+
+
+def main_style_fit(run: Run, prepared: dict[str, PreparedCase], progress: bool = False) -> MainStyleFit:
+    """For each training case, its given label on the case's prepared ROI against the λ = 0 UNet and
+    its own latent's: the segmentation losses (cross-entropy + soft Dice, training's loss without its
+    latent term), and the foreground Dice of the λ = 0 prediction."""
     losses, dice = [], []
-    for case_id in tqdm(run.case_ids, desc="λ = 0 predictions", unit="case", disable=not progress):
+    for case_id, latent in tqdm(zip(run.case_ids, run.latents), total=len(run.case_ids), desc="λ = 0 predictions", unit="case", disable=not progress):
         image, label = scored_roi(prepared[case_id], run.config.preprocess)
-        logits = run.logits(torch.from_numpy(np.array(image, dtype=np.float32))[None, None], main_style(run))
-        target = torch.from_numpy(np.array(label, dtype=np.int64))[None].to(logits.device)
-        losses.append(float(segmentation_loss(logits, target)[0]))
-        dice.append(foreground_dice(logits[0].argmax(dim=0).cpu().numpy(), label, run.config.model.out_channels))
-    return np.array(losses), np.array(dice)
+        image = torch.from_numpy(np.array(image, dtype=np.float32))[None].to(run.device)
+        target = torch.from_numpy(np.array(label, dtype=np.int64)).to(run.device)
+        with autocast_for(run.config.precision, run.device):
+            pair, logits = label_losses(run.model, image, target, torch.from_numpy(latent).to(run.device))
+        losses.append(pair)
+        dice.append(foreground_dice(logits.argmax(dim=0).cpu().numpy(), label, run.config.model.out_channels))
+    loss_lambda0, loss_own = np.array(losses, dtype=float).reshape(-1, 2).T
+    return MainStyleFit(loss_lambda0, loss_own, np.array(dice))
+
+
+def run_misfit(run: Run, fit: MainStyleFit) -> np.ndarray:
+    """The misfit from the running means training kept, each case's final-UNet losses where there are none."""
+    running = run.running_losses
+    loss_lambda0 = np.where(np.isnan(running["loss_lambda0"]), fit.loss_lambda0, running["loss_lambda0"])
+    loss_own = np.where(np.isnan(running["loss_own"]), fit.loss_own, running["loss_own"])
+    return misfit(loss_lambda0, loss_own)
 
 
 def main_style(run: Run) -> np.ndarray:

@@ -31,6 +31,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
+from hypersort_core.analysis import RANKED_BY
 from hypersort_core.data import Case, DataError, read_dataset, select_labels
 from hypersort_core.data.volumes import read_case, voxel_sizes
 from hypersort_core.decisions import DECISIONS, MAIN_STYLE, REVIEW_NAME, new_decision, read_decisions, record_decision
@@ -92,6 +93,7 @@ class ReviewSession:
         columns = [name for name in self.rows[0] if name not in NOT_SCORES] if self.rows else []
         return {
             "columns": [{"name": name, "lowerIsWorse": name in LOWER_IS_WORSE} for name in columns],
+            "rankedBy": RANKED_BY if RANKED_BY in columns else next(iter(columns), None),
             "styles": [{"name": name, "latent": [float(value) for value in latent]} for name, latent in self.styles.items()],
             "decisionNames": DECISIONS,
             "reviewer": self.reviewer,
@@ -563,7 +565,7 @@ REVIEW_SCRIPT = """
     for (const cluster of [...new Set(data.cases.map((c) => c.cluster))].sort((a, b) => a - b)) $("cluster").append(new Option(`cluster ${cluster}`, cluster));
     for (const style of data.styles) $("style").append(new Option(style.name === "lambda0" ? "λ = 0 (main style)" : `${style.name} centroid`, style.name));
     $("decide-style").textContent = $("style").value;
-    $("order").value = data.columns.some((c) => c.name === "loss_lambda0") ? "loss_lambda0" : (data.columns[0] || {}).name;
+    $("order").value = data.rankedBy;
     for (const id of ["order", "cluster", "undecided-only"]) $(id).addEventListener("change", refreshDecisions);
     window.addEventListener("focus", refreshDecisions);  // what other tabs decided meanwhile
     for (const select of document.querySelectorAll("select")) select.addEventListener("change", () => select.blur());  // keys decide again

@@ -5,7 +5,7 @@ Everything after `hsort fit` — analysis, prediction, export, evaluation — st
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +15,7 @@ from hypersort_core.checkpoint import load_latest_checkpoint
 from hypersort_core.config import TrainConfig
 from hypersort_core.data import PreparedData, prepare_cases, read_dataset, select_labels
 from hypersort_core.device import autocast_for, resolve_device, use_precision
+from hypersort_core.misfit import LOSSES
 from hypersort_core.model import HyperSORT
 from hypersort_core.run_folder import CONFIG_NAME, read_config, run_cache_dir
 
@@ -26,6 +27,7 @@ class Run:
     data: Path
     model: HyperSORT
     device: torch.device
+    training_state: dict = field(default_factory=dict)  # the checkpoint's TrainingState, as plain data
 
     @property
     def case_ids(self) -> list[str]:
@@ -35,6 +37,12 @@ class Run:
     def latents(self) -> np.ndarray:
         """The learned latents [N, latent_dim], in case_ids order."""
         return self.model.latents.weight.detach().float().cpu().numpy()
+
+    @property
+    def running_losses(self) -> dict[str, np.ndarray]:
+        """Each case's misfit.LOSSES as running means over the training epochs (NaN: none kept, as in runs of earlier versions)."""
+        kept = self.training_state.get("running_losses") or {}
+        return {name: np.array(kept.get(name, [np.nan] * len(self.case_ids)), dtype=float) for name in LOSSES}
 
     def latent_of(self, case_id: str) -> np.ndarray:
         if case_id not in self.case_ids:
@@ -77,4 +85,4 @@ def load_run(run_dir: Path | str, device: str = "auto") -> Run:
     model = HyperSORT(config.model, payload["case_ids"]).to(device)
     model.load_state_dict(payload["model"])
     model.eval()
-    return Run(run_dir, config, data, model, device)
+    return Run(run_dir, config, data, model, device, payload.get("state", {}))

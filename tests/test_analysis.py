@@ -13,11 +13,13 @@ from cli_checks import assert_one_line_error
 from click.testing import CliRunner
 
 from hypersort_core.analysis import find_clusters
+from hypersort_core.checkpoint import checkpoint_paths
 from hypersort_core.cli.analyze import analyze
 from hypersort_core.config import ConfigError
 from hypersort_core.data import scored_roi
 from hypersort_core.latents import latent_scores
 from hypersort_core.loss import segmentation_loss
+from hypersort_core.main_style import main_style_fit, prepared_training_cases, run_misfit
 from hypersort_core.report import analyze_run
 from hypersort_core.run import load_run
 from hypersort_core.styles import read_clusters_csv
@@ -101,7 +103,7 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def test_ranking_lists_every_case_once_by_the_main_style_loss_with_its_scores(analyzed, trained_run):
+def test_ranking_lists_every_case_once_by_the_misfit_with_its_scores(analyzed, trained_run):
     run = load_run(trained_run)
     rows = read_rows(analyzed.run_dir / "ranking.csv")
 
@@ -109,7 +111,7 @@ def test_ranking_lists_every_case_once_by_the_main_style_loss_with_its_scores(an
     assert [int(row["rank"]) for row in rows] == list(range(1, len(rows) + 1))
     norm, mean_dist = latent_scores(run.latents)
     by_case = dict(zip(run.case_ids, zip(norm, mean_dist)))
-    assert [float(row["loss_lambda0"]) for row in rows] == pytest.approx(sorted(analyzed.loss_lambda0, reverse=True), rel=1e-5)
+    assert [float(row["misfit"]) for row in rows] == pytest.approx(sorted(analyzed.misfit, reverse=True), rel=1e-5)
     for row in rows:
         assert float(row["norm"]) == pytest.approx(by_case[row["case"]][0], rel=1e-5)
         assert float(row["mean_dist"]) == pytest.approx(by_case[row["case"]][1], rel=1e-5)
@@ -131,6 +133,35 @@ def test_loss_and_dice_compare_the_given_label_with_the_main_style_prediction(an
     logits = run.logits(torch.from_numpy(np.array(image, dtype=np.float32))[None, None], main_style)
     loss = segmentation_loss(logits, torch.from_numpy(np.array(label, dtype=np.int64))[None])
     assert analyzed.loss_lambda0[run.case_ids.index(case.case_id)] == pytest.approx(float(loss[0]), rel=1e-5)
+
+
+def test_the_own_loss_judges_the_label_by_the_unet_of_the_case_s_own_latent(analyzed, trained_run):
+    run = load_run(trained_run)
+    case = run.prepared().cases[1]
+    image, label = scored_roi(case, run.config.preprocess)
+    logits = run.logits(torch.from_numpy(np.array(image, dtype=np.float32))[None, None], run.latent_of(case.case_id))
+    loss = segmentation_loss(logits, torch.from_numpy(np.array(label, dtype=np.int64))[None])
+    assert analyzed.loss_own[run.case_ids.index(case.case_id)] == pytest.approx(float(loss[0]), rel=1e-5)
+
+
+def test_the_misfit_is_the_geometric_mean_of_the_running_losses_training_kept(analyzed, trained_run):
+    running = load_run(trained_run).running_losses
+    assert not np.isnan(running["loss_lambda0"]).any() and not np.isnan(running["loss_own"]).any()
+    assert analyzed.misfit == pytest.approx(np.sqrt(running["loss_lambda0"] * running["loss_own"]), rel=1e-6)
+    assert analyzed.ranked_by == "misfit"
+
+
+def test_a_run_without_running_losses_is_judged_by_its_final_unets(trained_run, tmp_path):
+    """Runs of earlier versions, and runs imported from the reference code, kept no running means."""
+    run_dir = Path(shutil.copytree(trained_run, tmp_path / "run"))
+    for path in checkpoint_paths(run_dir):
+        payload = torch.load(path, weights_only=True)
+        del payload["state"]["running_losses"], payload["state"]["scored_epochs"]
+        torch.save(payload, path)
+    run = load_run(run_dir)
+    fit = main_style_fit(run, prepared_training_cases(run))
+    assert np.isnan(run.running_losses["loss_lambda0"]).all()
+    assert run_misfit(run, fit) == pytest.approx(np.sqrt(fit.loss_lambda0 * fit.loss_own), rel=1e-6)
 
 
 def test_the_most_suspicious_cases_have_pictures(analyzed):

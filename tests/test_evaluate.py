@@ -18,7 +18,7 @@ from hypersort_core.cli.evaluate import evaluate
 from hypersort_core.data import make_synthetic_dataset, scored_roi
 from hypersort_core.evaluate import perturbation_summary
 from hypersort_core.latents import latent_scores, read_latents_csv
-from hypersort_core.main_style import main_style_fit, prepared_training_cases
+from hypersort_core.main_style import main_style_fit, prepared_training_cases, run_misfit
 from hypersort_core.run import load_run
 from hypersort_core.styles import fit_styles
 
@@ -67,12 +67,13 @@ def test_perturbations_give_the_table_of_hypersort_and_both_baselines(run, synth
     assert evaluation["baselines"] == {"epochs": 1, "folds": 2}
     for case in evaluation["cases"]:
         assert case["training_loss"] > 0 and 0 <= case["test_dice"] <= 1
-    for score in ("loss_lambda0", "latent_norm", "mean_distance", "training_loss", "test_dice"):
+    for score in ("misfit", "loss_lambda0", "loss_own", "latent_norm", "mean_distance", "training_loss", "test_dice"):
         check_metrics(evaluation, score)
     loaded = load_run(run)
-    loss, _ = main_style_fit(loaded, prepared_training_cases(loaded))
-    by_case = dict(zip(loaded.case_ids, loss))
-    assert [case["loss_lambda0"] for case in evaluation["cases"]] == pytest.approx([by_case[case["case"]] for case in evaluation["cases"]], rel=1e-5)
+    fit = main_style_fit(loaded, prepared_training_cases(loaded))
+    for score, values in (("misfit", run_misfit(loaded, fit)), ("loss_lambda0", fit.loss_lambda0), ("loss_own", fit.loss_own)):
+        by_case = dict(zip(loaded.case_ids, values))
+        assert [case[score] for case in evaluation["cases"]] == pytest.approx([by_case[case["case"]] for case in evaluation["cases"]], rel=1e-5)
 
 
 def copy_labels(dataset: Path, target: Path, layout: str) -> Path:
@@ -105,7 +106,7 @@ def test_reference_labels_count_the_voxels_each_label_changed(run, synthetic_dat
     changed = {case["case"]: case["voxels_changed"] for case in evaluation["cases"] if case["voxels_changed"]}
     assert changed == {"synth_002": 10, "synth_005": 3}
     assert [case["case"] for case in evaluation["cases"] if case["changed"]] == ["synth_002"]
-    for score in ("loss_lambda0", "latent_norm", "mean_distance"):
+    for score in ("misfit", "loss_lambda0", "loss_own", "latent_norm", "mean_distance"):
         check_metrics(evaluation, score)
     assert "training_loss" not in evaluation["metrics"] and evaluation["baselines"] is None
     assert any(line.startswith("Test-Dice") and "skipped" in line for line in result.output.splitlines())

@@ -13,7 +13,7 @@ from .labels import LabelSelection, select_labels
 from .layouts import LAYOUTS, Case, Dataset, read_dataset
 from .preprocess import CROPS, PreprocessConfig
 from .synth import make_synthetic_dataset
-from .training_set import ReadableCases, TrainingSet, collate_readable, scored_roi
+from .training_set import UNREADABLE, ReadableCases, TrainingSet, collate_readable, scored_roi
 
 __all__ = [
     "CROPS",
@@ -26,6 +26,7 @@ __all__ = [
     "PreparedData",
     "PreprocessConfig",
     "ReadableCases",
+    "UNREADABLE",
     "TrainingSet",
     "collate_readable",
     "scored_roi",

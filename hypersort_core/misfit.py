@@ -1,0 +1,76 @@
+"""Misfit: how badly a case's label is fitted, by the main style's UNet and by the case's own.
+
+Two losses (cross-entropy + soft Dice, training's loss without its latent term) judge each label on
+its scored ROI:
+- under the λ = 0 UNet, the main style's: the L1 penalty keeps a wrong label's case away from 0,
+  so this UNet has in effect been trained by the main style's cases and finds labels drawn too
+  tight or too loose, or cut short, that a case's latent has learned to follow;
+- under the UNet of the case's own latent: what the hyper-network cannot draw for any latent
+  stays unfitted there, such as a leak into the tissue beside the organ, a neighbouring structure,
+  holes or a misaligned label.
+A label the main style draws differently and its own latent cannot explain either is suspicious on
+both; `misfit`, their geometric mean, ranks the cases (analysis.RANKED_BY).
+
+One epoch's UNet is a noisy judge: on the curation benchmark the ranking of a single epoch's λ = 0
+loss swung from 0.89 to 0.96 AUROC between neighbouring epochs.  So training scores every case after
+each epoch and keeps running means (the plain mean of the first RUNNING_EPOCHS epochs, then an
+exponential mean over about that many), which analysis reads; a run without them (trained by an
+earlier version, or imported from the reference code) is judged by its final UNet alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+from hypersort_core.data import UNREADABLE, PreparedCase, PreprocessConfig, scored_roi
+from hypersort_core.loss import segmentation_loss
+from hypersort_core.model import HyperSORT
+
+LOSSES = ("loss_lambda0", "loss_own")  # under the λ = 0 UNet, under the case's own latent's UNet
+RUNNING_EPOCHS = 20  # chosen on the curation benchmark (bench/README.md): 10 and 30 rank alike
+
+
+@torch.no_grad()
+def label_losses(model: HyperSORT, image: torch.Tensor, label: torch.Tensor, latent: torch.Tensor) -> tuple[tuple[float, float], torch.Tensor]:
+    """The loss of one label [*roi] for its image [1, *roi] under the λ = 0 UNet and under its latent [d]'s
+    (one forward pass), and the λ = 0 UNet's logits [C, *roi]."""
+    latents = torch.stack([torch.zeros_like(latent), latent])
+    logits = model(image[None].expand(2, *image.shape), latents).float()
+    losses = segmentation_loss(logits, label[None].expand(2, *label.shape))
+    return (float(losses[0]), float(losses[1])), logits[0]
+
+
+def case_losses(
+    model: HyperSORT, cases: Iterable[tuple[int, PreparedCase]], config: PreprocessConfig, device: torch.device, autocast
+) -> dict[int, tuple[float, float]]:
+    """label_losses of the given (index, case) pairs, each on its scored ROI, by case index; a case whose
+    prepared arrays cannot be read is left out."""
+    losses = {}
+    for index, case in cases:
+        try:
+            image, label = scored_roi(case, config)
+        except UNREADABLE:
+            continue
+        image = torch.from_numpy(np.array(image, dtype=np.float32))[None].to(device)
+        label = torch.from_numpy(np.array(label, dtype=np.int64)).to(device)
+        with autocast:
+            losses[index] = label_losses(model, image, label, model.latents.weight[index].detach())[0]
+    return losses
+
+
+def update_running_means(means: dict[str, list[float]], counts: list[int], losses: dict[int, tuple[float, float]]) -> None:
+    """Fold one epoch's losses (by case index) into the running means, in place; counts: epochs each case was scored."""
+    for index, values in losses.items():
+        counts[index] += 1
+        weight = 1 / min(counts[index], RUNNING_EPOCHS)
+        for name, value in zip(LOSSES, values):
+            old = means[name][index]
+            means[name][index] = value if counts[index] == 1 else old + weight * (value - old)
+
+
+def misfit(loss_lambda0: np.ndarray, loss_own: np.ndarray) -> np.ndarray:
+    """The geometric mean of the two losses: high only where neither the main style nor the case's own latent fits the label."""
+    return np.sqrt(np.asarray(loss_lambda0) * np.asarray(loss_own))
