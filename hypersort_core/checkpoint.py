@@ -46,7 +46,7 @@ class TrainingState:
     unreadable_cases: list[int] = field(default_factory=list)  # left out of training since their cache became unreadable
     processes: int = 1  # training processes (torchrun's world size): the effective batch is batch size * processes
     running_losses: dict[str, list[float]] = field(default_factory=dict)  # misfit.LOSSES per case, running means over the epochs
-    scored_epochs: list[int] = field(default_factory=list)  # per case: the epochs in those means
+    scorings: list[int] = field(default_factory=list)  # per case: the scorings in those means
 
 
 def rng_state() -> dict:

@@ -67,7 +67,7 @@ from hypersort_core.faults import os_error_of
 from hypersort_core.latents import plot_latent_map, write_latents_csv
 from hypersort_core.log import plot_progress, write_log_csv
 from hypersort_core.loss import hypersort_loss
-from hypersort_core.misfit import LOSSES, case_losses, update_running_means
+from hypersort_core.misfit import LOSSES, SCORE_EVERY, case_losses, update_running_means
 from hypersort_core.model import HyperSORT
 from hypersort_core.run_folder import CONFIG_NAME, run_cache_dir, write_config
 
@@ -296,7 +296,8 @@ def train_epoch(
                 writer.save_progress()
                 return step.stop
     _finish_epoch(trainer.model, state, total, clock.elapsed(), progress)
-    _score_cases(trainer, state, training_set)
+    if state.epoch % SCORE_EVERY == 0 or state.epoch == config.epochs:
+        _score_cases(trainer, state, training_set)
     world.on_main(lambda: write_epoch_outputs(writer.run_dir, trainer.model, state))
     if state.epoch % config.checkpoint_every == 0 or state.epoch == config.epochs:
         writer.checkpoint()
@@ -308,14 +309,14 @@ def _score_cases(trainer: Trainer, state: TrainingState, training_set: TrainingS
     rank the cases (misfit.py); each process scores a share.  A case whose cache cannot be read is left
     for training to report."""
     world, cases = trainer.world, training_set.cases
-    if not state.scored_epochs:
+    if not state.scorings:
         state.running_losses = {name: [math.nan] * len(cases) for name in LOSSES}
-        state.scored_epochs = [0] * len(cases)
+        state.scorings = [0] * len(cases)
     share = [(index, cases[index]) for index in range(world.rank, len(cases), world.size) if index not in state.unreadable_cases]
     losses = {}
     for part in world.gather(case_losses(trainer.model, share, trainer.config.preprocess, trainer.device, trainer.autocast)):
         losses.update(part)
-    update_running_means(state.running_losses, state.scored_epochs, losses)
+    update_running_means(state.running_losses, state.scorings, losses)
 
 
 def _start_epoch(state: TrainingState, n_cases: int, seed: int) -> None:

@@ -156,7 +156,7 @@ def test_a_run_without_running_losses_is_judged_by_its_final_unets(trained_run, 
     run_dir = Path(shutil.copytree(trained_run, tmp_path / "run"))
     for path in checkpoint_paths(run_dir):
         payload = torch.load(path, weights_only=True)
-        del payload["state"]["running_losses"], payload["state"]["scored_epochs"]
+        del payload["state"]["running_losses"], payload["state"]["scorings"]
         torch.save(payload, path)
     run = load_run(run_dir)
     fit = main_style_fit(run, prepared_training_cases(run))

@@ -97,7 +97,7 @@ def test_two_processes_train_every_latent_and_match_one_process_with_the_same_ef
     assert printed.stdout.count("finished after 1 epoch;") == 1  # rank 0 alone reports
     # Each process scored a share of the cases; rank 0's checkpoint holds every case's running losses.
     scored, single = (load_checkpoint(run_dir / "checkpoint.pt")["state"] for run_dir in (two_dir, one_dir))
-    assert scored["scored_epochs"] == single["scored_epochs"] == [1] * len(case_ids)
+    assert scored["scorings"] == single["scorings"] == [1] * len(case_ids)
     for name in ("loss_lambda0", "loss_own"):
         np.testing.assert_allclose(scored["running_losses"][name], single["running_losses"][name], rtol=1e-4)
 

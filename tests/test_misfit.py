@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hypersort_core.loss import segmentation_loss
-from hypersort_core.misfit import LOSSES, RUNNING_EPOCHS, label_losses, misfit, update_running_means
+from hypersort_core.misfit import LOSSES, RUNNING_SCORES, label_losses, misfit, update_running_means
 from hypersort_core.model import HyperSORT, ModelConfig
 
 
@@ -30,16 +30,16 @@ def test_label_losses_judge_the_label_by_the_lambda0_unet_and_by_its_own_latent_
 def test_the_running_means_are_plain_means_at_first_then_follow_the_recent_epochs():
     means = {name: [math.nan] * 2 for name in LOSSES}
     counts = [0, 0]
-    values = np.arange(1, 3 * RUNNING_EPOCHS + 1, dtype=float)
-    for value in values[:RUNNING_EPOCHS]:
+    values = np.arange(1, 3 * RUNNING_SCORES + 1, dtype=float)
+    for value in values[:RUNNING_SCORES]:
         update_running_means(means, counts, {0: (value, 2 * value)})
-    assert means["loss_lambda0"][0] == pytest.approx(values[:RUNNING_EPOCHS].mean())
-    assert means["loss_own"][0] == pytest.approx(2 * values[:RUNNING_EPOCHS].mean())
-    for value in values[RUNNING_EPOCHS:]:
+    assert means["loss_lambda0"][0] == pytest.approx(values[:RUNNING_SCORES].mean())
+    assert means["loss_own"][0] == pytest.approx(2 * values[:RUNNING_SCORES].mean())
+    for value in values[RUNNING_SCORES:]:
         update_running_means(means, counts, {0: (value, 2 * value)})
-    # An exponential mean over about RUNNING_EPOCHS epochs: it lags a steady rise by about that many.
-    assert values[-1] - RUNNING_EPOCHS < means["loss_lambda0"][0] < values[-1] - RUNNING_EPOCHS / 2
-    assert counts == [3 * RUNNING_EPOCHS, 0] and math.isnan(means["loss_own"][1])  # case 1 never scored (unreadable)
+    # An exponential mean over about RUNNING_SCORES scorings: it lags a steady rise by about that many.
+    assert values[-1] - RUNNING_SCORES < means["loss_lambda0"][0] < values[-1] - RUNNING_SCORES / 2
+    assert counts == [3 * RUNNING_SCORES, 0] and math.isnan(means["loss_own"][1])  # case 1 never scored (unreadable)
 
 
 def test_the_misfit_is_high_only_where_both_losses_are():

@@ -13,6 +13,7 @@ from hypersort_core.config import ConfigError
 from hypersort_core.data import make_synthetic_dataset
 from hypersort_core.latents import read_latents_csv
 from hypersort_core.main_style import main_style_fit, prepared_training_cases
+from hypersort_core.misfit import SCORE_EVERY
 from hypersort_core.run import load_run
 from hypersort_core.train import fit
 
@@ -65,15 +66,17 @@ def test_resume_continues_exactly_where_the_checkpoint_left_off(dataset, tmp_pat
     _, b = read_latents_csv(resumed.run_dir / "latents.csv")
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     assert [row["loss"] for row in read_csv(straight.run_dir / "log.csv")] == [row["loss"] for row in read_csv(resumed.run_dir / "log.csv")]
+    resumed_run = load_run(resumed.run_dir)
+    assert resumed_run.training_state["scorings"] == [4 // SCORE_EVERY] * len(resumed_run.case_ids)  # every SCORE_EVERY epochs
     for name, running in load_run(straight.run_dir).running_losses.items():
-        np.testing.assert_allclose(load_run(resumed.run_dir).running_losses[name], running, rtol=1e-5)
+        np.testing.assert_allclose(resumed_run.running_losses[name], running, rtol=1e-5)
 
 
 def test_after_each_epoch_every_case_s_label_is_scored_for_the_ranking(dataset, tmp_path):
     """After one epoch the running means are that epoch's losses: the final UNets' judgement of each label."""
     run = load_run(fit(dataset, tmp_path / "run", tiny_config(epochs=1), progress=False).run_dir)
     final = main_style_fit(run, prepared_training_cases(run))
-    assert run.training_state["scored_epochs"] == [1] * len(run.case_ids)
+    assert run.training_state["scorings"] == [1] * len(run.case_ids)
     np.testing.assert_allclose(run.running_losses["loss_lambda0"], final.loss_lambda0, rtol=1e-5)
     np.testing.assert_allclose(run.running_losses["loss_own"], final.loss_own, rtol=1e-5)
 
