@@ -297,14 +297,14 @@ def train_epoch(
                 return step.stop
     _finish_epoch(trainer.model, state, total, clock.elapsed(), progress)
     if state.epoch % SCORE_EVERY == 0 or state.epoch == config.epochs:
-        _score_cases(trainer, state, training_set)
+        _score_cases(trainer, state, training_set, progress)
     world.on_main(lambda: write_epoch_outputs(writer.run_dir, trainer.model, state))
     if state.epoch % config.checkpoint_every == 0 or state.epoch == config.epochs:
         writer.checkpoint()
     return None
 
 
-def _score_cases(trainer: Trainer, state: TrainingState, training_set: TrainingSet) -> None:
+def _score_cases(trainer: Trainer, state: TrainingState, training_set: TrainingSet, progress: bool) -> None:
     """Every case's label under the λ = 0 UNet and its own latent's, folded into the running means that
     rank the cases (misfit.py); each process scores a share.  A case whose cache cannot be read is left
     for training to report."""
@@ -313,6 +313,7 @@ def _score_cases(trainer: Trainer, state: TrainingState, training_set: TrainingS
         state.running_losses = {name: [math.nan] * len(cases) for name in LOSSES}
         state.scorings = [0] * len(cases)
     share = [(index, cases[index]) for index in range(world.rank, len(cases), world.size) if index not in state.unreadable_cases]
+    share = tqdm(share, desc=f"epoch {state.epoch}: scoring the labels", unit="case", leave=False, disable=not progress)
     losses = {}
     for part in world.gather(case_losses(trainer.model, share, trainer.config.preprocess, trainer.device, trainer.autocast)):
         losses.update(part)
