@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from hypersort_core.data import DataError, PreparedCase, scored_roi
+from hypersort_core.data import DataError, PreparedCase
 from hypersort_core.device import autocast_for
 from hypersort_core.metrics import foreground_dice
-from hypersort_core.misfit import label_losses, misfit
+from hypersort_core.misfit import label_losses, misfit, scored_tensors
 from hypersort_core.run import Run
 
 
@@ -46,13 +46,11 @@ def main_style_fit(run: Run, prepared: dict[str, PreparedCase], progress: bool =
     latent term), and the foreground Dice of the λ = 0 prediction."""
     losses, dice = [], []
     for case_id, latent in tqdm(zip(run.case_ids, run.latents), total=len(run.case_ids), desc="λ = 0 predictions", unit="case", disable=not progress):
-        image, label = scored_roi(prepared[case_id], run.config.preprocess)
-        image = torch.from_numpy(np.array(image, dtype=np.float32))[None].to(run.device)
-        target = torch.from_numpy(np.array(label, dtype=np.int64)).to(run.device)
+        image, label = scored_tensors(prepared[case_id], run.config.preprocess, run.device)
         with autocast_for(run.config.precision, run.device):
-            pair, logits = label_losses(run.model, image, target, torch.from_numpy(latent).to(run.device))
+            pair, logits = label_losses(run.model, image, label, torch.from_numpy(latent).to(run.device))
         losses.append(pair)
-        dice.append(foreground_dice(logits.argmax(dim=0).cpu().numpy(), label, run.config.model.out_channels))
+        dice.append(foreground_dice(logits.argmax(dim=0).cpu().numpy(), label.cpu().numpy(), run.config.model.out_channels))
     loss_lambda0, loss_own = np.array(losses, dtype=float).reshape(-1, 2).T
     return MainStyleFit(loss_lambda0, loss_own, np.array(dice))
 

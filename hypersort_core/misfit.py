@@ -16,8 +16,8 @@ loss swung from 0.89 to 0.96 AUROC between neighbouring epochs.  So training sco
 SCORE_EVERY epochs and at the last, and keeps running means (the plain mean of the first RUNNING_SCORES
 scorings, then an exponential mean over about that many), which analysis reads; a run without them
 (trained by an earlier version, or imported from the reference code) is judged by its final UNets.
-A scoring costs two forward passes a case: every second epoch, about a third of an epoch's training
-on the CPU, where scoring every epoch ranked no better on the benchmark.
+A scoring is two forward passes a case; scoring every second epoch made the benchmark's runs a fifth
+to a third longer on the CPU, and scoring every epoch ranked no better.
 """
 
 from __future__ import annotations
@@ -54,14 +54,18 @@ def case_losses(
     losses = {}
     for index, case in cases:
         try:
-            image, label = scored_roi(case, config)
+            image, label = scored_tensors(case, config, device)
         except UNREADABLE:
             continue
-        image = torch.from_numpy(np.array(image, dtype=np.float32))[None].to(device)
-        label = torch.from_numpy(np.array(label, dtype=np.int64)).to(device)
         with autocast:
             losses[index] = label_losses(model, image, label, model.latents.weight[index].detach())[0]
     return losses
+
+
+def scored_tensors(case: PreparedCase, config: PreprocessConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A case's scored ROI (data.scored_roi) as the image [1, *roi] and label [*roi] a UNet takes."""
+    image, label = scored_roi(case, config)
+    return torch.from_numpy(np.array(image, dtype=np.float32))[None].to(device), torch.from_numpy(np.array(label, dtype=np.int64)).to(device)
 
 
 def update_running_means(means: dict[str, list[float]], counts: list[int], losses: dict[int, tuple[float, float]]) -> None:
