@@ -37,7 +37,7 @@ def test_synth_then_fit_prints_where_results_are_and_the_auroc(dataset, tmp_path
     assert result.returncode == 0, result.stderr
     assert str(tmp_path / "run" / "latent_map.png") in result.stdout
     assert re.search(
-        r"known label errors \(clean \d+, dilated \d+, eroded \d+\): AUROC of loss under the λ = 0 UNet \d\.\d{3}, latent norm ‖λ‖ \d\.\d{3}", result.stdout
+        r"known label errors \(clean \d+, dilated \d+, eroded \d+\): AUROC of misfit \(λ = 0 and own loss\) \d\.\d{3}, latent norm ‖λ‖ \d\.\d{3}", result.stdout
     )
     assert "eroded vs dilated direction cosine" in result.stdout
     assert (dataset / "perturbations.csv").is_file()
