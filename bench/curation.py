@@ -11,6 +11,7 @@ Style cases are not wrong labels, so they are in neither side of an error AUROC.
     python bench/curation.py                       # the full benchmark: 32 and 64 cases, seeds 0 and 1
     python bench/curation.py --cases 48 --seeds 0  # one dataset
     python bench/curation.py --tag l1-0.05 --set l1=0.05    # a variant of the training settings
+    python bench/curation.py --perturbed 0 --style coarse --no-baselines --tag coarse-alone  # the style alone
 
 Jobs run in parallel processes (--jobs, one thread each).  Datasets are written once and reused; the
 baselines are cached per dataset and training recipe, so variants of HyperSORT-only settings do not
@@ -47,7 +48,7 @@ def main() -> None:
     jobs = [(cases, seed) for cases in args.cases for seed in args.seeds]
     settings = dict(parse_setting(text) for text in args.set)
     started = time.monotonic()
-    tasks = [(out, args.tag, cases, seed, args.size, args.epochs, settings, not args.no_baselines, args.style) for cases, seed in jobs]
+    tasks = [(out, args.tag, cases, seed, args.size, args.epochs, settings, not args.no_baselines, args.style, args.perturbed) for cases, seed in jobs]
     if args.jobs > 1:
         with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
             results = pool.starmap(run_job, tasks)
@@ -63,7 +64,7 @@ def main() -> None:
             "seeds": args.seeds,
             "size": args.size,
             "kinds": KINDS,
-            "perturbed": PERTURBED,
+            "perturbed": args.perturbed,
             "style": args.style,
             "style_fraction": STYLE_FRACTION,
         },
@@ -90,6 +91,7 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], help="A training setting NAME=VALUE (TrainConfig field), repeatable.")
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--style", default=STYLE, help="The protocol of the style subset (label_errors.STYLES).")
+    parser.add_argument("--perturbed", type=float, default=PERTURBED, help="The share of wrong labels; 0 shows what the style alone gives.")
     return parser.parse_args()
 
 
@@ -98,7 +100,9 @@ def parse_setting(text: str) -> tuple[str, object]:
     return name, json.loads(value) if value[:1] in "-0123456789[{tf" else value
 
 
-def run_job(out: Path, tag: str, cases: int, seed: int, size: int, epochs: int, settings: dict, baselines: bool, style: str = STYLE) -> dict:
+def run_job(
+    out: Path, tag: str, cases: int, seed: int, size: int, epochs: int, settings: dict, baselines: bool, style: str = STYLE, perturbed: float = PERTURBED
+) -> dict:
     """One dataset: write it (once), train and analyze, score with the baselines (cached)."""
     import torch
 
@@ -109,10 +113,10 @@ def run_job(out: Path, tag: str, cases: int, seed: int, size: int, epochs: int, 
     from hypersort_core.run import load_run
     from hypersort_core.train import fit
 
-    name = f"cases{cases}_size{size}_seed{seed}" + ("" if style == STYLE else f"_{style}")
+    name = f"cases{cases}_size{size}_seed{seed}" + ("" if style == STYLE else f"_{style}") + ("" if perturbed == PERTURBED else f"_perturbed{perturbed:g}")
     data = out / "data" / name
     if not (data / "perturbations.csv").is_file():
-        make_synthetic_dataset(data, cases=cases, size=size, perturbed=PERTURBED, seed=seed, kinds=KINDS, style=style, style_fraction=STYLE_FRACTION)
+        make_synthetic_dataset(data, cases=cases, size=size, perturbed=perturbed, seed=seed, kinds=KINDS, style=style, style_fraction=STYLE_FRACTION)
     config = training_config("small", epochs=epochs, **{"roi": size, **settings})
     run_dir = out / tag / name
     started = time.monotonic()
@@ -246,12 +250,13 @@ def summarize(results: list[dict]) -> dict:
 
 def format_table(summary: dict, report: dict) -> str:
     columns = (*KINDS, "overall")
-    lines = [
-        f"curation benchmark '{report['tag']}' ({report['minutes']} min): median AUROC over {len(summary['per_run'])} datasets",
-        f"{'score':<16}" + "".join(f"{column[:10]:>11}" for column in columns),
-    ]
-    for score, row in summary["median"].items():
-        lines.append(f"{score:<16}" + "".join(f"{row[c]:>11.3f}" if row[c] is not None else f"{'n/a':>11}" for c in columns))
+    lines = [f"curation benchmark '{report['tag']}' ({report['minutes']} min): median AUROC over {len(summary['per_run'])} datasets"]
+    if any(value is not None for row in summary["median"].values() for value in row.values()):
+        lines.append(f"{'score':<16}" + "".join(f"{column[:10]:>11}" for column in columns))
+        for score, row in summary["median"].items():
+            lines.append(f"{score:<16}" + "".join(f"{row[c]:>11.3f}" if row[c] is not None else f"{'n/a':>11}" for c in columns))
+    else:
+        lines.append("no wrong labels in these datasets (--perturbed 0): the style alone")
     lines.append(f"style subset as one cluster: F1 median {summary['style_f1_median']:.2f} ({', '.join(f'{v:.2f}' for v in summary['style_f1'])})")
     if "style_f1_any_count" in summary:
         values = ", ".join(f"{v:.2f}" for v in summary["style_f1_any_count"])

@@ -57,6 +57,25 @@ def test_the_style_f1_over_cluster_counts_tells_a_map_that_holds_the_style_from_
     assert metrics["style_f1"] == pytest.approx(2 * 5 / 37) and metrics["style_f1_any_count"] == 1.0
 
 
+def test_a_style_alone_has_no_error_aurocs_but_its_style_f1(curation):
+    """--perturbed 0: the style without wrong labels; the table says n/a where there is nothing to detect."""
+    rng = np.random.default_rng(1)
+    latents = np.r_[rng.normal(0, 0.05, (27, 2)), rng.normal([0.3, 0.0], 0.01, (5, 2))]
+    result = {
+        "dataset": "cases32_size24_seed0_coarse_perturbed0",
+        "kind": ["clean"] * 32,
+        "style": ["main"] * 27 + ["coarse"] * 5,
+        "cluster": [0] * 27 + [1] * 5,
+        "latents": latents.tolist(),
+        "scores": {name: rng.random(32).tolist() for name in curation.HYPERSORT_SCORES},
+    }
+    summary = curation.summarize([result])
+    assert all(value is None for row in summary["median"].values() for value in row.values())
+    assert summary["style_f1"] == [1.0] and summary["style_f1_any_count"] == [1.0]
+    table = curation.format_table(summary, {"tag": "coarse-alone", "minutes": 1.0})
+    assert "no wrong labels" in table and "n/a" not in table and "F1 median 1.00" in table
+
+
 @pytest.mark.slow
 def test_a_tiny_benchmark_writes_its_table_and_json(tmp_path):
     command = [
@@ -93,3 +112,9 @@ def test_a_tiny_benchmark_writes_its_table_and_json(tmp_path):
     assert again.returncode == 0, again.stderr
     assert sorted((tmp_path / "baselines").iterdir()) == baselines and [path.stat().st_mtime_ns for path in baselines] == stamps
     assert json.loads((tmp_path / "other" / "results.json").read_text())["settings"] == {"l1": 0.05}
+    # --perturbed 0: a dataset of its own, with the style and no wrong label
+    alone = subprocess.run([*command[:-1], "alone", "--perturbed", "0", "--no-baselines"], capture_output=True, text=True, timeout=600)
+    assert alone.returncode == 0, alone.stderr
+    report = json.loads((tmp_path / "alone" / "results.json").read_text())
+    assert report["datasets"]["perturbed"] == 0 and report["runs"][0]["dataset"] == "cases24_size16_seed0_perturbed0"
+    assert set(report["runs"][0]["kind"]) == {"clean"} and "neighbour" in report["runs"][0]["style"]
