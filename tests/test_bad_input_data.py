@@ -229,6 +229,24 @@ def test_invalid_dataset_json(tmp_path):
     assert error.value.path == root / "dataset.json"
 
 
+@pytest.mark.parametrize("labels", [{"¹": None}, {"²": "organ"}])
+def test_dataset_json_label_keys_that_look_like_digits_but_are_not(tmp_path, labels):
+    """'¹'.isdigit() is True but int('¹') fails: such a key is a name, not a Decathlon value (found by the fuzzer)."""
+    root = write_nnunet(tmp_path)
+    meta = json.loads((root / "dataset.json").read_text())
+    (root / "dataset.json").write_text(json.dumps(meta | {"labels": labels}))
+    with pytest.raises(DataError, match="label values must be integers") as error:
+        read_dataset(root)
+    assert error.value.path == root / "dataset.json"
+
+
+def test_decathlon_label_values_as_keys_are_read(tmp_path):
+    root = write_nnunet(tmp_path)
+    meta = json.loads((root / "dataset.json").read_text())
+    (root / "dataset.json").write_text(json.dumps(meta | {"labels": {"0": "background", "1": "organ"}}))
+    assert read_dataset(root).label_names == {"organ": 1}
+
+
 def test_manifest_without_image_and_label_columns(tmp_path):
     manifest = tmp_path / "cases.csv"
     manifest.write_text("scan,mask\na.nii.gz,b.nii.gz\n")

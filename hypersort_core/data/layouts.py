@@ -324,7 +324,7 @@ def parse_label_names(meta: dict, meta_file: Path) -> dict[str, int]:
     labels = meta.get("labels")
     if not isinstance(labels, dict) or not labels:
         raise DataError(meta_file, "has no 'labels' mapping")
-    if all(key.isdigit() for key in labels):
+    if all(key.isdecimal() for key in labels):  # not isdigit: '¹' is a digit that int() refuses
         pairs = {str(name): int(value) for value, name in labels.items()}
     else:
         pairs = dict(labels)
