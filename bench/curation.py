@@ -222,8 +222,8 @@ def best_cluster_f1(members: np.ndarray, subset: np.ndarray) -> float:
 
 
 def best_f1_over_cluster_counts(latents: np.ndarray, subset: np.ndarray) -> float:
-    """The style F1 had the mixture been given the number of clusters that suits the style best (1 to
-    MAX_CLUSTERS, so never below the BIC's choice): whether the map holds the style apart at all."""
+    """The style F1 had a plain mixture (EM, as for --clusters) been given the number of clusters that suits
+    the style best, 1 to MAX_CLUSTERS: whether the map holds the style apart at all."""
     from hypersort_core.analysis import MAX_CLUSTERS, find_clusters
 
     counts = range(1, min(MAX_CLUSTERS, len(np.unique(latents, axis=0))) + 1)

@@ -13,7 +13,7 @@ from hypersort_core.report import PICTURES
 
 @click.command()
 @click.argument("run_dir", metavar="RUN", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--clusters", type=click.IntRange(min=1), default=None, help="Number of clusters  [default: chosen by BIC, 1 to 6]")
+@click.option("--clusters", type=click.IntRange(min=1), default=None, help="Number of clusters  [default: chosen by a Dirichlet-process mixture, up to 6]")
 @click.option("--method", type=click.Choice(METHODS), default=METHODS[0], show_default=True, help="Gaussian mixture or k-means.")
 @click.option("--gallery", type=click.IntRange(min=0), default=GALLERY, show_default=True, help="Most suspicious cases shown in report.html.")
 @click.option(

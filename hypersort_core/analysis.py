@@ -29,9 +29,13 @@ prediction (low: look here).
 The ranking orders the cases by RANKED_BY, the best detector of wrong labels on the curation benchmark
 (bench/curation.py; the figures are in the README): `misfit`.  The paper's scores stay beside it.
 
-Clusters: a Gaussian mixture (full covariances, floored at RESOLUTION of the map's spread) whose number
-of components minimises BIC over 1..min(6, N-1, distinct latents), unless `clusters` fixes it; k-means
-(the other method) takes the same number. The cluster whose component
+Clusters: a Gaussian mixture (full covariances, floored at RESOLUTION of the map's spread) with a
+Dirichlet-process prior on its weights, fitted by variational inference with up to min(6, N-1, distinct
+latents) components, which keeps as many as the latents support; `clusters` fixes the number instead (a
+plain mixture by EM); k-means (the other method) takes the same number.  We chose the prior over the
+lowest BIC, which chose the number before: wrong labels scattered around the main style make one broad
+Gaussian cheap, and BIC paid for it with a second style that stood apart in plain sight (on the curation
+benchmark's maps, bench/README.md).  The cluster whose component
 gives λ = 0 the highest posterior (k-means: the nearest centroid) is the main style, cluster 0; the
 others follow by size, largest first, and are named "style 1", "style 2", ...
 
@@ -48,7 +52,7 @@ from pathlib import Path
 import numpy as np
 from scipy.special import logsumexp
 from sklearn.cluster import KMeans
-from sklearn.mixture import GaussianMixture
+from sklearn.mixture import BayesianGaussianMixture, GaussianMixture
 
 from hypersort_core.config import ConfigError
 from hypersort_core.data import PreparedCase, read_dataset
@@ -62,10 +66,16 @@ METHODS = ("gmm", "kmeans")
 MAX_CLUSTERS = 6
 RANDOM_STATE = 0  # the same latents give the same clusters on every call
 # A mixture component narrower than this fraction of the map's spread (its standard deviation) is not
-# resolved: without such a floor a component on a single case has unbounded likelihood, which BIC cannot
-# hold back. With 0.05, BIC split 7 cases of pure noise into 3 to 5 clusters; with 0.2 it mostly keeps
-# one, still separates two styles of 4 and 3 cases, and still gives a far outlier its own cluster.
+# resolved: without such a floor a component on a single case has unbounded likelihood. With 0.05, BIC
+# (the rule before the prior) split 7 cases of pure noise into 3 to 5 clusters; with 0.2 it mostly kept one.
 RESOLUTION = 0.2
+# The prior's guess at a component's covariance: this fraction of the map's variance, the same along every
+# axis.  sklearn's default, the map's own covariance, is long along the line between two styles, and drew
+# two styles of 4 and 3 cases ten standard deviations apart into one cluster; with the map's variance
+# along every axis they stay apart, pure noise stays one cluster about as often as under BIC (7 cases:
+# 8 draws of 10; 30 and 60 cases: 9 of 10), and the style recovery on the curation benchmark's stored
+# maps was the best of the priors and rules we tried (bench/README.md); half of it split noise more often.
+COV_PRIOR = 1.0
 MIN_SHARE = 1e-6  # cases: a component holding less once a case has left it is gone
 GALLERY = 12
 RANKED_BY = "misfit"
@@ -90,7 +100,7 @@ class Clustering:
     centroids: np.ndarray  # [K, d]
     density_name: str  # nll or centroid_dist
     density: np.ndarray  # [N]
-    bic: dict[int, float]  # BIC of each number of components tried
+    chosen_by: str  # how the number of clusters was chosen: "prior" (the Dirichlet process) or "fixed"
 
     @property
     def sizes(self) -> np.ndarray:
@@ -245,24 +255,35 @@ def find_clusters(latents: np.ndarray, clusters: int | None = None, method: str 
     distinct = len(np.unique(latents, axis=0))
     if clusters is not None and not 1 <= clusters <= distinct:
         raise ConfigError(f"--clusters {clusters}: this run's {len(latents)} latents lie at {distinct} distinct points, so choose 1 to {distinct}")
-    candidates = [clusters] if clusters is not None else range(1, max(1, min(MAX_CLUSTERS, len(latents) - 1, distinct)) + 1)
-    mixtures = {k: fit_mixture(latents, k) for k in candidates}
-    bic = {k: float(mixture.bic(latents)) for k, mixture in mixtures.items()}
-    mixture = mixtures[min(bic, key=bic.get)]
+    chosen_by = "prior" if clusters is None else "fixed"
+    mixture = fit_mixture(latents, max(1, min(MAX_CLUSTERS, len(latents) - 1, distinct)) if clusters is None else clusters, chosen_by)
     origin = np.zeros((1, latents.shape[1]))
+    members = mixture.predict(latents)
     if method == "gmm":
-        members = mixture.predict(latents)
         main = main_component(mixture.predict_proba(origin)[0], members)
-        return numbered(method, members, mixture.means_, main, "nll", held_out_nll(mixture, latents), bic)
-    kmeans = KMeans(mixture.n_components, n_init=10, random_state=RANDOM_STATE).fit(latents)
+        return numbered(method, members, mixture.means_, main, "nll", held_out_nll(mixture, latents), chosen_by)
+    kmeans = KMeans(len(np.unique(members)), n_init=10, random_state=RANDOM_STATE).fit(latents)
     members, centroids = kmeans.labels_, kmeans.cluster_centers_
     main = main_component(-np.linalg.norm(centroids, axis=1), members)
-    return numbered(method, members, centroids, main, "centroid_dist", held_out_centroid_distance(latents, members, centroids), bic)
+    return numbered(method, members, centroids, main, "centroid_dist", held_out_centroid_distance(latents, members, centroids), chosen_by)
 
 
-def fit_mixture(latents: np.ndarray, components: int) -> GaussianMixture:
-    floor = max(RESOLUTION**2 * float(latents.var(axis=0).mean()), 1e-12)
-    return GaussianMixture(components, reg_covar=floor, n_init=3, random_state=RANDOM_STATE).fit(latents)
+def fit_mixture(latents: np.ndarray, components: int, chosen_by: str) -> GaussianMixture | BayesianGaussianMixture:
+    """`components` Gaussians (fixed), or at most that many under the Dirichlet-process prior (prior)."""
+    variance = float(latents.var(axis=0).mean())
+    floor = max(RESOLUTION**2 * variance, 1e-12)
+    if chosen_by == "fixed":
+        return GaussianMixture(components, reg_covar=floor, n_init=3, random_state=RANDOM_STATE).fit(latents)
+    prior = BayesianGaussianMixture(
+        n_components=components,
+        weight_concentration_prior_type="dirichlet_process",
+        covariance_prior=max(COV_PRIOR * variance, 1e-12) * np.eye(latents.shape[1]),
+        reg_covar=floor,
+        n_init=3,
+        max_iter=1000,
+        random_state=RANDOM_STATE,
+    )
+    return prior.fit(latents)
 
 
 def held_out_nll(mixture: GaussianMixture, latents: np.ndarray) -> np.ndarray:
@@ -307,14 +328,14 @@ def main_component(closeness_to_origin: np.ndarray, members: np.ndarray) -> int:
     return int(held[np.argmax(closeness_to_origin[held])])
 
 
-def numbered(method: str, members: np.ndarray, centroids: np.ndarray, main: int, density_name: str, density: np.ndarray, bic: dict[int, float]) -> Clustering:
+def numbered(method: str, members: np.ndarray, centroids: np.ndarray, main: int, density_name: str, density: np.ndarray, chosen_by: str) -> Clustering:
     """Renumber clusters: the main style 0, then the others by size, largest first; empty components go."""
     sizes = np.bincount(members, minlength=len(centroids))
     others = sorted((k for k in np.unique(members) if k != main), key=lambda k: (-sizes[k], np.linalg.norm(centroids[k])))
     order = [main, *others]
     new_number = np.empty(len(centroids), dtype=int)
     new_number[order] = np.arange(len(order))
-    return Clustering(method, new_number[members], np.asarray(centroids)[order], density_name, density, bic)
+    return Clustering(method, new_number[members], np.asarray(centroids)[order], density_name, density, chosen_by)
 
 
 # ---------------------------------------------------------------------------------------------

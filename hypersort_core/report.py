@@ -32,7 +32,7 @@ from matplotlib.lines import Line2D
 from scipy import ndimage
 from tqdm import tqdm
 
-from hypersort_core.analysis import DESCRIPTIONS, GALLERY, Analysis, analyze
+from hypersort_core.analysis import DESCRIPTIONS, GALLERY, Analysis, Clustering, analyze
 from hypersort_core.atomic import atomic_savefig, atomic_write_csv, atomic_write_text
 from hypersort_core.data import DataError, PreparedCase, scored_roi
 from hypersort_core.data.volumes import voxel_sizes
@@ -276,10 +276,8 @@ def _number(value: float) -> str:
 def format_summary(analysis: Analysis, cases: int = PRINTED_CASES) -> str:
     """The clusters, the most suspicious cases and the files written."""
     clustering, columns = analysis.clustering, analysis.columns
-    tried = ", ".join(f"{k}: {bic:.1f}" for k, bic in clustering.bic.items())
-    how = f"fixed by --clusters (BIC {tried})" if len(clustering.bic) == 1 else f"chosen by BIC ({tried})"
     lines = [
-        f"{len(clustering.centroids)} clusters ({clustering.method}), {how}",
+        f"{len(clustering.centroids)} clusters ({clustering.method}), {how_chosen(clustering)}",
         f"  {'style':<9}{'size':>5}  {'centroid':<20}" + "".join(f"{name:>14}" for name in columns),
     ]
     for cluster, (size, centroid) in enumerate(zip(clustering.sizes, clustering.centroids)):
@@ -338,12 +336,15 @@ def page(title: str, body: str) -> str:
 
 def run_summary(analysis: Analysis) -> str:
     clustering = analysis.clustering
-    chosen = "fixed" if len(clustering.bic) == 1 else "chosen by BIC"
     return (
         f'<p class="meta">{len(analysis.case_ids)} training cases of {escape(analysis.data)}; '
-        f"{len(clustering.centroids)} clusters ({escape(clustering.method)}, {chosen}); "
-        "cases ranked by latent norm ‖λ‖, the paper's score; the main style is the cluster that holds λ = 0.</p>"
+        f"{len(clustering.centroids)} clusters ({escape(clustering.method)}, {how_chosen(clustering)}); "
+        f"cases ranked by {escape(analysis.describe(analysis.ranked_by))}; the main style is the cluster that holds λ = 0.</p>"
     )
+
+
+def how_chosen(clustering: Clustering) -> str:
+    return "fixed by --clusters" if clustering.chosen_by == "fixed" else "chosen by a Dirichlet-process mixture"
 
 
 def map_section(analysis: Analysis) -> str:

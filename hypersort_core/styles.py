@@ -108,7 +108,7 @@ def read_clusters_csv(path: Path) -> list[Style]:
 
 
 def fit_styles(latents: np.ndarray) -> list[Style]:
-    """The clusters `hsort analyze` would find (its mixture, K by BIC); the centroids are the styles."""
+    """The clusters `hsort analyze` would find (its mixture); the centroids are the styles."""
     clustering = find_clusters(latents)
     return [Style(k, int(size), centroid) for k, (size, centroid) in enumerate(zip(clustering.sizes, clustering.centroids))]
 

@@ -171,3 +171,12 @@ def test_a_case_view_holds_every_voxel_or_every_step_th_of_a_large_volume(shape,
     grey = np.frombuffer(zlib.decompress(base64.b64decode(view["image"])), dtype=np.uint8).reshape(view["shape"])
     order = np.argsort(image[sampled], axis=None)
     assert np.all(np.diff(grey.reshape(-1)[order].astype(int)) >= 0)  # brighter stays brighter (a window, clipped)
+
+
+@pytest.mark.parametrize("misfit, ranked_by", [(None, "latent norm ‖λ‖"), (np.linspace(1, 0, 4), "misfit (λ = 0 and own loss)")])
+def test_the_pages_name_the_score_the_ranking_is_by(tmp_path, misfit, ranked_by):
+    """The pages once said 'ranked by latent norm' whatever ranked the cases."""
+    analysis = replace(analysis_of(["a", "b", "c", "d"], tmp_path / "run"), misfit=misfit)
+
+    for render in (latent_map_page, report_page):
+        assert f"cases ranked by {html.escape(ranked_by)};" in render(analysis)
