@@ -286,7 +286,7 @@ def fit_mixture(latents: np.ndarray, components: int, chosen_by: str) -> Gaussia
     return prior.fit(latents)
 
 
-def held_out_nll(mixture: GaussianMixture, latents: np.ndarray) -> np.ndarray:
+def held_out_nll(mixture: GaussianMixture | BayesianGaussianMixture, latents: np.ndarray) -> np.ndarray:
     """-log p(case) under the mixture whose M-step is redone without the case: its responsibilities
     leave every component's weight, mean and covariance; a component left with (almost) no case drops out."""
     responsibility = mixture.predict_proba(latents)  # [N, K]
