@@ -261,7 +261,7 @@ def find_clusters(latents: np.ndarray, clusters: int | None = None, method: str 
     members = mixture.predict(latents)
     if method == "gmm":
         main = main_component(mixture.predict_proba(origin)[0], members)
-        return numbered(method, members, mixture.means_, main, "nll", held_out_nll(mixture, latents), chosen_by)
+        return numbered(method, members, member_means(latents, members, mixture.means_), main, "nll", held_out_nll(mixture, latents), chosen_by)
     kmeans = KMeans(len(np.unique(members)), n_init=10, random_state=RANDOM_STATE).fit(latents)
     members, centroids = kmeans.labels_, kmeans.cluster_centers_
     main = main_component(-np.linalg.norm(centroids, axis=1), members)
@@ -284,6 +284,15 @@ def fit_mixture(latents: np.ndarray, components: int, chosen_by: str) -> Gaussia
         random_state=RANDOM_STATE,
     )
     return prior.fit(latents)
+
+
+def member_means(latents: np.ndarray, members: np.ndarray, means: np.ndarray) -> np.ndarray:
+    """Each component's centroid, the mean of its cases: the prior pulls the mixture's own means towards the
+    map's mean (a style of 6 cases by a seventh of its distance), and a centroid is the latent of a style's UNet."""
+    centroids = np.array(means, dtype=np.float64)
+    for component in np.unique(members):
+        centroids[component] = latents[members == component].mean(axis=0)
+    return centroids
 
 
 def held_out_nll(mixture: GaussianMixture | BayesianGaussianMixture, latents: np.ndarray) -> np.ndarray:

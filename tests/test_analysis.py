@@ -83,6 +83,13 @@ def test_a_second_style_beside_scattered_wrong_labels_gets_its_own_cluster():
     assert members[0] != members[style][0] and np.sum(members == 0) > 32  # the main style is its own, the largest
 
 
+def test_a_centroid_is_the_mean_of_its_cases():
+    """Not the mixture's mean, which its prior pulls towards the middle of the map: a centroid is the latent of a style's UNet."""
+    clustering = find_clusters(two_styles_and_two_outliers())
+    for cluster, centroid in enumerate(clustering.centroids):
+        assert centroid == pytest.approx(two_styles_and_two_outliers()[clustering.members == cluster].mean(axis=0))
+
+
 def test_clusters_are_the_same_on_every_call_and_can_be_fixed():
     latents = two_styles_and_two_outliers()
     first, second = find_clusters(latents), find_clusters(latents)
