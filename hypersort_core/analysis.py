@@ -256,7 +256,7 @@ def find_clusters(latents: np.ndarray, clusters: int | None = None, method: str 
     if clusters is not None and not 1 <= clusters <= distinct:
         raise ConfigError(f"--clusters {clusters}: this run's {len(latents)} latents lie at {distinct} distinct points, so choose 1 to {distinct}")
     chosen_by = "prior" if clusters is None else "fixed"
-    mixture = fit_mixture(latents, max(1, min(MAX_CLUSTERS, len(latents) - 1, distinct)) if clusters is None else clusters, chosen_by)
+    mixture = fit_mixture(latents, clusters, most=max(1, min(MAX_CLUSTERS, len(latents) - 1, distinct)))
     origin = np.zeros((1, latents.shape[1]))
     members = mixture.predict(latents)
     if method == "gmm":
@@ -268,14 +268,14 @@ def find_clusters(latents: np.ndarray, clusters: int | None = None, method: str 
     return numbered(method, members, centroids, main, "centroid_dist", held_out_centroid_distance(latents, members, centroids), chosen_by)
 
 
-def fit_mixture(latents: np.ndarray, components: int, chosen_by: str) -> GaussianMixture | BayesianGaussianMixture:
-    """`components` Gaussians (fixed), or at most that many under the Dirichlet-process prior (prior)."""
+def fit_mixture(latents: np.ndarray, clusters: int | None, most: int) -> GaussianMixture | BayesianGaussianMixture:
+    """`clusters` Gaussians by EM, or (None) at most `most` under the Dirichlet-process prior."""
     variance = float(latents.var(axis=0).mean())
     floor = max(RESOLUTION**2 * variance, 1e-12)
-    if chosen_by == "fixed":
-        return GaussianMixture(components, reg_covar=floor, n_init=3, random_state=RANDOM_STATE).fit(latents)
+    if clusters is not None:
+        return GaussianMixture(clusters, reg_covar=floor, n_init=3, random_state=RANDOM_STATE).fit(latents)
     prior = BayesianGaussianMixture(
-        n_components=components,
+        n_components=most,
         weight_concentration_prior_type="dirichlet_process",
         covariance_prior=max(COV_PRIOR * variance, 1e-12) * np.eye(latents.shape[1]),
         reg_covar=floor,

@@ -85,9 +85,10 @@ def test_a_second_style_beside_scattered_wrong_labels_gets_its_own_cluster():
 
 def test_a_centroid_is_the_mean_of_its_cases():
     """Not the mixture's mean, which its prior pulls towards the middle of the map: a centroid is the latent of a style's UNet."""
-    clustering = find_clusters(two_styles_and_two_outliers())
+    latents = two_styles_and_two_outliers()
+    clustering = find_clusters(latents)
     for cluster, centroid in enumerate(clustering.centroids):
-        assert centroid == pytest.approx(two_styles_and_two_outliers()[clustering.members == cluster].mean(axis=0))
+        assert centroid == pytest.approx(latents[clustering.members == cluster].mean(axis=0))
 
 
 def test_clusters_are_the_same_on_every_call_and_can_be_fixed():
