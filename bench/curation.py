@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 KINDS = ("eroded", "dilated", "incomplete", "extra", "wrong_neighbour", "shift", "holes")
-STYLE = "neighbour"  # the default; --style coarse for blocky contours
+STYLE = "neighbour"  # the default; --style coarse for blocky contours, --style vessel for the vessel included
 PERTURBED = 0.3
 STYLE_FRACTION = 0.15
 SIZE = 24  # voxels per side, and the ROI: what a 2-core CPU trains in minutes
@@ -113,7 +113,7 @@ def run_job(
     from hypersort_core.run import load_run
     from hypersort_core.train import fit
 
-    name = f"cases{cases}_size{size}_seed{seed}" + ("" if style == STYLE else f"_{style}") + ("" if perturbed == PERTURBED else f"_perturbed{perturbed:g}")
+    name = dataset_name(cases, size, seed, style, perturbed)
     data = out / "data" / name
     if not (data / "perturbations.csv").is_file():
         make_synthetic_dataset(data, cases=cases, size=size, perturbed=perturbed, seed=seed, kinds=KINDS, style=style, style_fraction=STYLE_FRACTION)
@@ -140,6 +140,13 @@ def run_job(
         "latents": analysis.latents.tolist(),
         "scores": {key: np.asarray(value, dtype=float).tolist() for key, value in scores.items()},
     }
+
+
+def dataset_name(cases: int, size: int, seed: int, style: str, perturbed: float) -> str:
+    """The folder of one dataset under OUT/data, written once and reused: it names everything the dataset
+    depends on, the style always, so that a dataset written under another default style is never taken
+    for this one."""
+    return f"cases{cases}_size{size}_seed{seed}_{style}" + ("" if perturbed == PERTURBED else f"_perturbed{perturbed:g}")
 
 
 def finished_run(run_dir: Path, config) -> bool:

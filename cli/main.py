@@ -41,7 +41,7 @@ def main() -> None:
     "--style",
     type=click.Choice(list(STYLES)),
     default=None,
-    help="Protocol of a subset annotated differently: neighbour (the adjacent structure included) or coarse (blocky contours).",
+    help="Protocol of a differently annotated subset: neighbour (adjacent structure included), coarse (blocky contours), vessel (its vessel included).",
 )
 @click.option("--style-fraction", default=0.0, show_default=True, type=click.FloatRange(0, 1), help="Fraction of cases annotated in --style.")
 @click.option("--seed", default=0, show_default=True)

@@ -77,7 +77,13 @@ def test_a_style_alone_has_no_error_aurocs_but_its_style_f1(curation):
 
 
 @pytest.mark.slow
-def test_a_tiny_benchmark_writes_its_table_and_json(tmp_path):
+def test_datasets_of_different_styles_never_share_a_folder(curation):
+    names = {curation.dataset_name(64, 24, 0, style, curation.PERTURBED) for style in ("neighbour", "coarse", "vessel", curation.STYLE)}
+    assert len(names) == 3
+    assert curation.dataset_name(64, 24, 0, curation.STYLE, 0.0) != curation.dataset_name(64, 24, 0, curation.STYLE, curation.PERTURBED)
+
+
+def test_a_tiny_benchmark_writes_its_table_and_json(tmp_path, curation):
     command = [
         sys.executable,
         str(SCRIPT),
@@ -116,5 +122,5 @@ def test_a_tiny_benchmark_writes_its_table_and_json(tmp_path):
     alone = subprocess.run([*command[:-1], "alone", "--perturbed", "0", "--no-baselines"], capture_output=True, text=True, timeout=600)
     assert alone.returncode == 0, alone.stderr
     report = json.loads((tmp_path / "alone" / "results.json").read_text())
-    assert report["datasets"]["perturbed"] == 0 and report["runs"][0]["dataset"] == "cases24_size16_seed0_perturbed0"
-    assert set(report["runs"][0]["kind"]) == {"clean"} and "neighbour" in report["runs"][0]["style"]
+    assert report["datasets"]["perturbed"] == 0 and report["runs"][0]["dataset"] == f"cases24_size16_seed0_{curation.STYLE}_perturbed0"
+    assert set(report["runs"][0]["kind"]) == {"clean"} and curation.STYLE in report["runs"][0]["style"]

@@ -122,6 +122,37 @@ def test_style_protocols(anatomy):
     assert 0.7 < coarse.sum() / anatomy.organ.sum() < 1.3 and not np.array_equal(coarse, anatomy.organ)
 
 
+def test_a_vessel_runs_beside_the_organ_and_changes_nothing_else():
+    plain_image, plain = phantom(24, np.random.default_rng(3))
+    image, anatomy = phantom(24, np.random.default_rng(3), np.random.default_rng(9))
+    vessel = anatomy.vessel
+    assert not plain.vessel.any() and vessel.sum() > 100
+    assert not np.any(vessel & anatomy.organ) and np.any(vessel & ndimage.binary_dilation(anatomy.organ))  # in a groove of it
+    np.testing.assert_array_equal(anatomy.organ, plain.organ & ~vessel)
+    np.testing.assert_array_equal(image[~vessel], plain_image[~vessel])
+    assert np.median(image[vessel]) > np.median(image[anatomy.organ]) + 50  # contrast-filled, brighter than the organ
+    assert vessel.any(axis=(0, 1)).sum() > anatomy.organ.any(axis=(0, 1)).sum() + 4  # runs on, head to foot
+
+
+def test_the_vessel_style_adds_the_stretch_of_vessel_along_the_organ():
+    anatomy = phantom(24, np.random.default_rng(3), np.random.default_rng(9))[1]
+    label = label_errors.STYLES["vessel"](anatomy)
+    added = label & ~anatomy.organ
+    assert np.all(label[anatomy.organ]) and np.all(anatomy.vessel[added]) and added.sum() > 30
+    assert np.any(anatomy.vessel & ~label)  # not the whole vessel: only where it runs along the organ
+    blob = label_errors.extra(anatomy, 3, np.random.default_rng(0))[0] & ~anatomy.organ
+    assert not np.any(blob & anatomy.vessel)  # a leak is tissue, not the vessel
+
+
+def test_only_a_vessel_style_dataset_has_a_vessel(tmp_path):
+    vessel = make_synthetic_dataset(tmp_path / "vessel", cases=4, size=16, perturbed=0.0, seed=2, style="vessel", style_fraction=0.5)
+    coarse = make_synthetic_dataset(tmp_path / "coarse", cases=4, size=16, perturbed=0.0, seed=2, style="coarse", style_fraction=0.5)
+    for case in ("synth_000", "synth_001", "synth_002", "synth_003"):
+        with_vessel = nib.load(vessel / "imagesTr" / f"{case}_0000.nii.gz").get_fdata()
+        without = nib.load(coarse / "imagesTr" / f"{case}_0000.nii.gz").get_fdata()
+        assert (with_vessel > without + 40).sum() > 20 and (with_vessel < without - 40).sum() == 0
+
+
 def test_settings_that_cannot_make_a_dataset_are_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown error kind"):
         make_synthetic_dataset(tmp_path / "a", kinds=("smudged",))

@@ -10,7 +10,8 @@ generator, and returns the wrong label and the parameters it used (for perturbat
 - shift: the label displaced by a few voxels, or a run of its slices misaligned in-plane;
 - holes: balls inside the organ left unlabelled.
 A style is a protocol followed for a whole subset of cases: `neighbour` includes the adjacent
-structure in every label, `coarse` draws contours on a grid three times coarser.
+structure in every label, `coarse` draws contours on a grid three times coarser, `vessel` includes the
+stretch of the vessel that runs along the organ (synth.phantom draws one for datasets in that style).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class Anatomy:
     organ: np.ndarray
     neighbours: list[np.ndarray]
     body: np.ndarray
+    vessel: np.ndarray  # empty where the phantom has none
 
 
 LabelError = Callable[[Anatomy, int, np.random.Generator], tuple[np.ndarray, dict]]
@@ -82,8 +84,8 @@ def extra(anatomy: Anatomy, severity: int, rng: np.random.Generator) -> tuple[np
     outward = (point - centre_of_organ) / (np.linalg.norm(point - centre_of_organ) + 1e-9)
     centre = point + outward * 0.8 * radius
     blob = ball(organ.shape, centre, radius) & anatomy.body & ~organ
-    for neighbour in anatomy.neighbours:  # tissue, not another structure (that is wrong_neighbour)
-        blob &= ~neighbour
+    for structure in [*anatomy.neighbours, anatomy.vessel]:  # tissue, not another structure (that is wrong_neighbour)
+        blob &= ~structure
     return organ | blob, {"radius_voxels": round(radius, 1), "centre": [round(float(c), 1) for c in centre]}
 
 
@@ -151,7 +153,13 @@ def coarse_contours(anatomy: Anatomy) -> np.ndarray:
     return ndimage.zoom(coarse, np.array(organ.shape) / np.array(coarse.shape), order=0).astype(bool)
 
 
-STYLES: dict[str, Callable[[Anatomy], np.ndarray]] = {"neighbour": neighbour_included, "coarse": coarse_contours}
+def vessel_included(anatomy: Anatomy) -> np.ndarray:
+    """The organ with the stretch of vessel that runs along it (within 2 voxels), as some annotators
+    include the inferior vena cava in the liver."""
+    return anatomy.organ | (anatomy.vessel & ndimage.binary_dilation(anatomy.organ, CONNECTIVITY_1, 2))
+
+
+STYLES: dict[str, Callable[[Anatomy], np.ndarray]] = {"neighbour": neighbour_included, "coarse": coarse_contours, "vessel": vessel_included}
 
 
 def extent(mask: np.ndarray, axis: int) -> tuple[int, int]:

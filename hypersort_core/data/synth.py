@@ -57,10 +57,12 @@ def make_synthetic_dataset(
     for index, ((kind, severity), stream) in enumerate(zip(plan, case_streams)):
         case_id = f"synth_{index:03d}"
         rng = np.random.default_rng(stream)
-        image, anatomy = phantom(size, rng)
+        # The error's and the vessel's draws come from child streams, so that the phantom never depends on
+        # the error, and a vessel (drawn only for the style that needs one) changes nothing else.
+        error_stream, vessel_stream = stream.spawn(2)
+        image, anatomy = phantom(size, rng, np.random.default_rng(vessel_stream) if style == "vessel" else None)
         affine = lps_affine(rng)
-        # The error's own draws come from a child stream, so that the phantom never depends on them.
-        label, parameters = annotate(anatomy, kind, style, severity, np.random.default_rng(stream.spawn(1)[0]))
+        label, parameters = annotate(anatomy, kind, style, severity, np.random.default_rng(error_stream))
         nib.save(nib.Nifti1Image(image, affine), out / "imagesTr" / f"{case_id}_0000.nii.gz")
         nib.save(nib.Nifti1Image(label.astype(np.uint8), affine), out / "labelsTr" / f"{case_id}.nii.gz")
         case_style = style if kind == "style" else MAIN_STYLE
@@ -112,12 +114,15 @@ def perturbation_plan(
     return plan
 
 
-def phantom(size: int, rng: np.random.Generator) -> tuple[np.ndarray, Anatomy]:
-    """An int16 CT-like image and its anatomy: the organ mask, its neighbours, the body.
+def phantom(size: int, rng: np.random.Generator, vessel_rng: np.random.Generator | None = None) -> tuple[np.ndarray, Anatomy]:
+    """An int16 CT-like image and its anatomy: the organ mask, its neighbours, the body, a vessel.
 
     A soft-tissue body in air holds an irregular organ (an ellipsoid whose radius follows smooth
     noise) with a smooth intensity gradient, and one or two unlabelled neighbours of similar
-    intensity that touch or nearly touch it.
+    intensity that touch or nearly touch it.  Given `vessel_rng`, a contrast-filled vessel also runs
+    head to foot in a groove of the organ's back, as the inferior vena cava runs along the liver; the
+    organ excludes it.  It is drawn last from its own stream, so every other structure is the same
+    with or without it.
     """
     grid = (np.indices((size,) * 3) + 0.5) / size - 0.5  # voxel centres, in fractions of the field of view
     body = inside_ellipsoid(grid, np.zeros(3), np.array([0.46, 0.44, 0.48]) * rng.uniform(0.97, 1.0, 3))
@@ -133,7 +138,12 @@ def phantom(size: int, rng: np.random.Generator) -> tuple[np.ndarray, Anatomy]:
     gradient = rng.uniform(10, 25) * np.tensordot(unit_vector(rng), grid, axes=1)
     image[organ] = organ_hu + gradient[organ]
     image += rng.normal(0, NOISE_HU, image.shape)
-    return np.round(image).astype(np.int16), Anatomy(organ, [n & ~organ for n in neighbours], body)
+    vessel = np.zeros_like(organ)
+    if vessel_rng is not None:
+        vessel = vessel_beside(grid, organ_centre, organ_radii, vessel_rng) & body
+        image[vessel] = organ_hu + vessel_rng.uniform(70, 100) + vessel_rng.normal(0, NOISE_HU, int(vessel.sum()))
+        organ = organ & ~vessel
+    return np.round(image).astype(np.int16), Anatomy(organ, [n & ~organ & ~vessel for n in neighbours], body, vessel)
 
 
 def neighbour_of(grid: np.ndarray, organ_centre: np.ndarray, organ_radii: np.ndarray, rng: np.random.Generator):
@@ -143,6 +153,17 @@ def neighbour_of(grid: np.ndarray, organ_centre: np.ndarray, organ_radii: np.nda
     organ_extent = 1 / np.linalg.norm(direction / organ_radii)  # organ's radius along `direction`
     centre = organ_centre + direction * (organ_extent + radius * rng.uniform(0.9, 1.3))
     return inside_ellipsoid(grid, centre, np.full(3, radius))
+
+
+def vessel_beside(grid: np.ndarray, organ_centre: np.ndarray, organ_radii: np.ndarray, rng: np.random.Generator):
+    """A tube along the superior axis, its axis just inside the organ's back (posterior, within 35° of
+    straight back), so that it lies half in a groove of the organ."""
+    angle = np.pi / 2 + rng.uniform(-0.6, 0.6)  # from the first axis; the second runs towards the back
+    direction = np.array([np.cos(angle), np.sin(angle), 0.0])
+    organ_extent = 1 / np.linalg.norm(direction / organ_radii)
+    radius = rng.uniform(0.08, 0.1)
+    centre = organ_centre + direction * (organ_extent - 0.3 * radius)
+    return np.sqrt((grid[0] - centre[0]) ** 2 + (grid[1] - centre[1]) ** 2) <= radius
 
 
 def inside_ellipsoid(grid: np.ndarray, centre: np.ndarray, radii: np.ndarray, wobble: float | np.ndarray = 0.0):
