@@ -76,13 +76,13 @@ def test_a_style_alone_has_no_error_aurocs_but_its_style_f1(curation):
     assert "no wrong labels" in table and "n/a" not in table and "F1 median 1.00" in table
 
 
-@pytest.mark.slow
 def test_datasets_of_different_styles_never_share_a_folder(curation):
     names = {curation.dataset_name(64, 24, 0, style, curation.PERTURBED) for style in ("neighbour", "coarse", "vessel", curation.STYLE)}
     assert len(names) == 3
     assert curation.dataset_name(64, 24, 0, curation.STYLE, 0.0) != curation.dataset_name(64, 24, 0, curation.STYLE, curation.PERTURBED)
 
 
+@pytest.mark.slow
 def test_a_tiny_benchmark_writes_its_table_and_json(tmp_path, curation):
     command = [
         sys.executable,
