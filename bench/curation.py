@@ -48,7 +48,10 @@ def main() -> None:
     jobs = [(cases, seed) for cases in args.cases for seed in args.seeds]
     settings = dict(parse_setting(text) for text in args.set)
     started = time.monotonic()
-    tasks = [(out, args.tag, cases, seed, args.size, args.epochs, settings, not args.no_baselines, args.style, args.perturbed) for cases, seed in jobs]
+    tasks = [
+        (out, args.tag, cases, seed, args.size, args.epochs, settings, not args.no_baselines, args.style, args.perturbed, args.style_fraction)
+        for cases, seed in jobs
+    ]
     if args.jobs > 1:
         with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
             results = pool.starmap(run_job, tasks)
@@ -66,7 +69,7 @@ def main() -> None:
             "kinds": KINDS,
             "perturbed": args.perturbed,
             "style": args.style,
-            "style_fraction": STYLE_FRACTION,
+            "style_fraction": args.style_fraction,
         },
         "minutes": round((time.monotonic() - started) / 60, 1),
         "summary": summary,
@@ -92,6 +95,7 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--style", default=STYLE, help="The protocol of the style subset (label_errors.STYLES).")
     parser.add_argument("--perturbed", type=float, default=PERTURBED, help="The share of wrong labels; 0 shows what the style alone gives.")
+    parser.add_argument("--style-fraction", type=float, default=STYLE_FRACTION, help="The share of cases annotated in the style.")
     return parser.parse_args()
 
 
@@ -101,7 +105,17 @@ def parse_setting(text: str) -> tuple[str, object]:
 
 
 def run_job(
-    out: Path, tag: str, cases: int, seed: int, size: int, epochs: int, settings: dict, baselines: bool, style: str = STYLE, perturbed: float = PERTURBED
+    out: Path,
+    tag: str,
+    cases: int,
+    seed: int,
+    size: int,
+    epochs: int,
+    settings: dict,
+    baselines: bool,
+    style: str = STYLE,
+    perturbed: float = PERTURBED,
+    style_fraction: float = STYLE_FRACTION,
 ) -> dict:
     """One dataset: write it (once), train and analyze, score with the baselines (cached)."""
     import torch
@@ -113,10 +127,10 @@ def run_job(
     from hypersort_core.run import load_run
     from hypersort_core.train import fit
 
-    name = dataset_name(cases, size, seed, style, perturbed)
+    name = dataset_name(cases, size, seed, style, perturbed, style_fraction)
     data = out / "data" / name
     if not (data / "perturbations.csv").is_file():
-        make_synthetic_dataset(data, cases=cases, size=size, perturbed=perturbed, seed=seed, kinds=KINDS, style=style, style_fraction=STYLE_FRACTION)
+        make_synthetic_dataset(data, cases=cases, size=size, perturbed=perturbed, seed=seed, kinds=KINDS, style=style, style_fraction=style_fraction)
     config = training_config("small", epochs=epochs, **{"roi": size, **settings})
     run_dir = out / tag / name
     started = time.monotonic()
@@ -142,11 +156,12 @@ def run_job(
     }
 
 
-def dataset_name(cases: int, size: int, seed: int, style: str, perturbed: float) -> str:
+def dataset_name(cases: int, size: int, seed: int, style: str, perturbed: float, style_fraction: float = STYLE_FRACTION) -> str:
     """The folder of one dataset under OUT/data, written once and reused: it names everything the dataset
     depends on, the style always, so that a dataset written under another default style is never taken
     for this one."""
-    return f"cases{cases}_size{size}_seed{seed}_{style}" + ("" if perturbed == PERTURBED else f"_perturbed{perturbed:g}")
+    name = f"cases{cases}_size{size}_seed{seed}_{style}" + ("" if perturbed == PERTURBED else f"_perturbed{perturbed:g}")
+    return name + ("" if style_fraction == STYLE_FRACTION else f"_fraction{style_fraction:g}")
 
 
 def finished_run(run_dir: Path, config) -> bool:

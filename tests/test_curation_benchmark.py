@@ -82,6 +82,12 @@ def test_datasets_of_different_styles_never_share_a_folder(curation):
     assert curation.dataset_name(64, 24, 0, curation.STYLE, 0.0) != curation.dataset_name(64, 24, 0, curation.STYLE, curation.PERTURBED)
 
 
+def test_a_larger_style_subset_is_a_dataset_of_its_own(curation):
+    default = curation.dataset_name(64, 24, 0, "vessel", curation.PERTURBED)
+    assert curation.dataset_name(64, 24, 0, "vessel", curation.PERTURBED, curation.STYLE_FRACTION) == default  # the stored datasets keep their names
+    assert curation.dataset_name(64, 24, 0, "vessel", curation.PERTURBED, 0.25) == default + "_fraction0.25"
+
+
 @pytest.mark.slow
 def test_a_tiny_benchmark_writes_its_table_and_json(tmp_path, curation):
     command = [
@@ -124,3 +130,11 @@ def test_a_tiny_benchmark_writes_its_table_and_json(tmp_path, curation):
     report = json.loads((tmp_path / "alone" / "results.json").read_text())
     assert report["datasets"]["perturbed"] == 0 and report["runs"][0]["dataset"] == f"cases24_size16_seed0_{curation.STYLE}_perturbed0"
     assert set(report["runs"][0]["kind"]) == {"clean"} and curation.STYLE in report["runs"][0]["style"]
+    # --style-fraction: a dataset of its own, with that share of the cases in the style
+    larger = subprocess.run(
+        [*command[:-1], "larger", "--perturbed", "0", "--style-fraction", "0.5", "--no-baselines"], capture_output=True, text=True, timeout=600
+    )
+    assert larger.returncode == 0, larger.stderr
+    report = json.loads((tmp_path / "larger" / "results.json").read_text())
+    assert report["datasets"]["style_fraction"] == 0.5 and report["runs"][0]["dataset"].endswith("_perturbed0_fraction0.5")
+    assert report["runs"][0]["style"].count(curation.STYLE) == 12
