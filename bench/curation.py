@@ -27,6 +27,7 @@ import json
 import multiprocessing
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,13 +46,10 @@ RECIPE_FIELDS = ("preprocess", "batch_size", "lr", "seed", "augment")  # what th
 def main() -> None:
     args = parse_arguments()
     out = Path(args.out)
-    jobs = [(cases, seed) for cases in args.cases for seed in args.seeds]
     settings = dict(parse_setting(text) for text in args.set)
     started = time.monotonic()
-    tasks = [
-        (out, args.tag, cases, seed, args.size, args.epochs, settings, not args.no_baselines, args.style, args.perturbed, args.style_fraction)
-        for cases, seed in jobs
-    ]
+    datasets = [Dataset(cases, args.size, seed, args.style, args.perturbed, args.style_fraction) for cases in args.cases for seed in args.seeds]
+    tasks = [(out, args.tag, dataset, args.epochs, settings, not args.no_baselines) for dataset in datasets]
     if args.jobs > 1:
         with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
             results = pool.starmap(run_job, tasks)
@@ -104,34 +102,55 @@ def parse_setting(text: str) -> tuple[str, object]:
     return name, json.loads(value) if value[:1] in "-0123456789[{tf" else value
 
 
-def run_job(
-    out: Path,
-    tag: str,
-    cases: int,
-    seed: int,
-    size: int,
-    epochs: int,
-    settings: dict,
-    baselines: bool,
-    style: str = STYLE,
-    perturbed: float = PERTURBED,
-    style_fraction: float = STYLE_FRACTION,
-) -> dict:
+@dataclass(frozen=True)
+class Dataset:
+    """One synthetic dataset of the benchmark: everything `hsort synth` writes it from."""
+
+    cases: int
+    size: int
+    seed: int
+    style: str = STYLE
+    perturbed: float = PERTURBED
+    style_fraction: float = STYLE_FRACTION
+
+    @property
+    def name(self) -> str:
+        """Its folder under OUT/data, written once and reused: it names everything the dataset depends on, the
+        style always, so that a dataset written under another default style is never taken for this one."""
+        name = f"cases{self.cases}_size{self.size}_seed{self.seed}_{self.style}"
+        name += "" if self.perturbed == PERTURBED else f"_perturbed{self.perturbed:g}"
+        return name + ("" if self.style_fraction == STYLE_FRACTION else f"_fraction{self.style_fraction:g}")
+
+    def write(self, folder: Path) -> None:
+        from hypersort_core.data import make_synthetic_dataset
+
+        make_synthetic_dataset(
+            folder,
+            cases=self.cases,
+            size=self.size,
+            perturbed=self.perturbed,
+            seed=self.seed,
+            kinds=KINDS,
+            style=self.style,
+            style_fraction=self.style_fraction,
+        )
+
+
+def run_job(out: Path, tag: str, dataset: Dataset, epochs: int, settings: dict, baselines: bool) -> dict:
     """One dataset: write it (once), train and analyze, score with the baselines (cached)."""
     import torch
 
     torch.set_num_threads(1)
     from hypersort_core.api import training_config
-    from hypersort_core.data import make_synthetic_dataset
     from hypersort_core.report import analyze_run
     from hypersort_core.run import load_run
     from hypersort_core.train import fit
 
-    name = dataset_name(cases, size, seed, style, perturbed, style_fraction)
+    name = dataset.name
     data = out / "data" / name
     if not (data / "perturbations.csv").is_file():
-        make_synthetic_dataset(data, cases=cases, size=size, perturbed=perturbed, seed=seed, kinds=KINDS, style=style, style_fraction=style_fraction)
-    config = training_config("small", epochs=epochs, **{"roi": size, **settings})
+        dataset.write(data)
+    config = training_config("small", epochs=epochs, **{"roi": dataset.size, **settings})
     run_dir = out / tag / name
     started = time.monotonic()
     if not finished_run(run_dir, config):
@@ -145,8 +164,8 @@ def run_job(
     truth = read_truth(data / "perturbations.csv", analysis.case_ids)
     return {
         "dataset": name,
-        "cases": cases,
-        "seed": seed,
+        "cases": dataset.cases,
+        "seed": dataset.seed,
         "train_minutes": round(train_seconds / 60, 2),
         "kind": truth["kind"],
         "style": truth["style"],
@@ -154,14 +173,6 @@ def run_job(
         "latents": analysis.latents.tolist(),
         "scores": {key: np.asarray(value, dtype=float).tolist() for key, value in scores.items()},
     }
-
-
-def dataset_name(cases: int, size: int, seed: int, style: str, perturbed: float, style_fraction: float = STYLE_FRACTION) -> str:
-    """The folder of one dataset under OUT/data, written once and reused: it names everything the dataset
-    depends on, the style always, so that a dataset written under another default style is never taken
-    for this one."""
-    name = f"cases{cases}_size{size}_seed{seed}_{style}" + ("" if perturbed == PERTURBED else f"_perturbed{perturbed:g}")
-    return name + ("" if style_fraction == STYLE_FRACTION else f"_fraction{style_fraction:g}")
 
 
 def finished_run(run_dir: Path, config) -> bool:

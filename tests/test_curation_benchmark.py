@@ -16,8 +16,10 @@ SCRIPT = Path(__file__).parents[1] / "bench" / "curation.py"
 def curation():
     spec = importlib.util.spec_from_file_location("curation", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules["curation"] = module  # as importlib's own recipe does: a dataclass looks its module up there
     spec.loader.exec_module(module)
-    return module
+    yield module
+    del sys.modules["curation"]
 
 
 def test_best_cluster_f1(curation):
@@ -77,15 +79,15 @@ def test_a_style_alone_has_no_error_aurocs_but_its_style_f1(curation):
 
 
 def test_datasets_of_different_styles_never_share_a_folder(curation):
-    names = {curation.dataset_name(64, 24, 0, style, curation.PERTURBED) for style in ("neighbour", "coarse", "vessel", curation.STYLE)}
+    names = {curation.Dataset(64, 24, 0, style, curation.PERTURBED).name for style in ("neighbour", "coarse", "vessel", curation.STYLE)}
     assert len(names) == 3
-    assert curation.dataset_name(64, 24, 0, curation.STYLE, 0.0) != curation.dataset_name(64, 24, 0, curation.STYLE, curation.PERTURBED)
+    assert curation.Dataset(64, 24, 0, curation.STYLE, 0.0).name != curation.Dataset(64, 24, 0, curation.STYLE, curation.PERTURBED).name
 
 
 def test_a_larger_style_subset_is_a_dataset_of_its_own(curation):
-    default = curation.dataset_name(64, 24, 0, "vessel", curation.PERTURBED)
-    assert curation.dataset_name(64, 24, 0, "vessel", curation.PERTURBED, curation.STYLE_FRACTION) == default  # the stored datasets keep their names
-    assert curation.dataset_name(64, 24, 0, "vessel", curation.PERTURBED, 0.25) == default + "_fraction0.25"
+    default = curation.Dataset(64, 24, 0, "vessel", curation.PERTURBED).name
+    assert curation.Dataset(64, 24, 0, "vessel", curation.PERTURBED, curation.STYLE_FRACTION).name == default  # the stored datasets keep their names
+    assert curation.Dataset(64, 24, 0, "vessel", curation.PERTURBED, 0.25).name == default + "_fraction0.25"
 
 
 @pytest.mark.slow
