@@ -35,7 +35,9 @@ latents) components, which keeps as many as the latents support; `clusters` fixe
 plain mixture by EM); k-means (the other method) takes the same number.  We chose the prior over the
 lowest BIC, which chose the number before: wrong labels scattered around the main style make one broad
 Gaussian cheap, and BIC paid for it with a second style that stood apart in plain sight (on the curation
-benchmark's maps, bench/README.md).  The cluster whose component
+benchmark's maps, bench/README.md).  The map's spread is a robust one (the median absolute deviation),
+the spread of its bulk: far-out wrong labels inflate the variance, and a prior that broad drew a style
+beside the main one into it.  The cluster whose component
 gives λ = 0 the highest posterior (k-means: the nearest centroid) is the main style, cluster 0; the
 others follow by size, largest first, and are named "style 1", "style 2", ...
 
@@ -51,6 +53,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy.special import logsumexp
+from scipy.stats import median_abs_deviation
 from sklearn.cluster import KMeans
 from sklearn.mixture import BayesianGaussianMixture, GaussianMixture
 
@@ -65,17 +68,21 @@ from hypersort_core.run_folder import ANALYSIS_NAMES
 METHODS = ("gmm", "kmeans")
 MAX_CLUSTERS = 6
 RANDOM_STATE = 0  # the same latents give the same clusters on every call
-# A mixture component narrower than this fraction of the map's spread (its standard deviation) is not
+# A mixture component narrower than this fraction of the map's spread (map_spread) is not
 # resolved: without such a floor a component on a single case has unbounded likelihood. With 0.05, BIC
 # (the rule before the prior) split 7 cases of pure noise into 3 to 5 clusters; with 0.2 it mostly kept one.
 RESOLUTION = 0.2
-# The prior's guess at a component's covariance: this fraction of the map's variance, the same along every
-# axis.  sklearn's default, the map's own covariance, is long along the line between two styles, and drew
-# two styles of 4 and 3 cases ten standard deviations apart into one cluster; with the map's variance
-# along every axis they stay apart, pure noise stays one cluster about as often as under BIC (7 cases:
-# 8 draws of 10; 30 and 60 cases: 9 of 10), and the style recovery on the curation benchmark's stored
-# maps was the best of the priors and rules we tried (bench/README.md); half of it split noise more often.
+# The prior's guess at a component's covariance: this fraction of the map's spread squared, the same along
+# every axis.  sklearn's default, the map's own covariance, is long along the line between two styles, and drew
+# two styles of 4 and 3 cases ten standard deviations apart into one cluster; with the spread along every
+# axis they stay apart, pure noise stays one cluster about as often as under BIC (of 30 draws: 7 cases 20,
+# 30 cases 26, 60 cases 25), and the style recovery on the curation benchmark's stored maps was the best of
+# the priors and rules we tried (bench/README.md); half of it split noise more often.
 COV_PRIOR = 1.0
+# On a small map of two styles the MAD measures the larger one alone: 4 and 3 cases ten standard deviations
+# apart had the 4 split in 4 draws of 30 with the MAD alone, in none with this floor (0.6 or 0.7; on the
+# curation benchmark's stored maps 0.4 to 0.7 gave the same clusters, bench/README.md).
+SPREAD_FLOOR = 0.6
 MIN_SHARE = 1e-6  # cases: a component holding less once a case has left it is gone
 GALLERY = 12
 RANKED_BY = "misfit"
@@ -270,7 +277,7 @@ def find_clusters(latents: np.ndarray, clusters: int | None = None, method: str 
 
 def fit_mixture(latents: np.ndarray, clusters: int | None, most: int) -> GaussianMixture | BayesianGaussianMixture:
     """`clusters` Gaussians by EM, or (None) at most `most` under the Dirichlet-process prior."""
-    variance = float(latents.var(axis=0).mean())
+    variance = map_spread(latents) ** 2
     floor = max(RESOLUTION**2 * variance, 1e-12)
     if clusters is not None:
         return GaussianMixture(clusters, reg_covar=floor, n_init=3, random_state=RANDOM_STATE).fit(latents)
@@ -284,6 +291,15 @@ def fit_mixture(latents: np.ndarray, clusters: int | None, most: int) -> Gaussia
         random_state=RANDOM_STATE,
     )
     return prior.fit(latents)
+
+
+def map_spread(latents: np.ndarray) -> float:
+    """The standard deviation of the map's bulk: the median absolute deviation along each axis (scaled to a
+    Gaussian's standard deviation), their root mean square.  With wrong labels scattered far out, the
+    variance measures them, not the main style; on a single Gaussian cloud the two agree.  It is kept
+    above SPREAD_FLOOR of the plain standard deviation, which also covers half the latents at one point."""
+    robust = float(np.sqrt(np.mean(median_abs_deviation(latents, axis=0, scale="normal") ** 2)))
+    return max(robust, SPREAD_FLOOR * float(np.sqrt(latents.var(axis=0).mean())))
 
 
 def member_means(latents: np.ndarray, members: np.ndarray, means: np.ndarray) -> np.ndarray:

@@ -56,9 +56,10 @@ def test_the_density_score_flags_cases_that_sit_alone(method):
 
 @pytest.mark.parametrize("cases", [30, 60])
 def test_cases_of_one_style_form_one_cluster(cases):
-    """The mixture seldom splits a single Gaussian cloud (BIC, before it, never did at these sizes)."""
-    kept_whole = [len(find_clusters(np.random.default_rng(seed).normal(size=(cases, 2))).centroids) == 1 for seed in range(10)]
-    assert sum(kept_whole) >= 9
+    """The mixture seldom splits a single Gaussian cloud (BIC, before it, never did at these sizes): of 30
+    draws it kept 25 or 26 whole with the map's variance as the spread, and 25 or 26 with the robust one."""
+    kept_whole = [len(find_clusters(np.random.default_rng(seed).normal(size=(cases, 2))).centroids) == 1 for seed in range(30)]
+    assert sum(kept_whole) >= 24
 
 
 def test_two_small_styles_far_apart_stay_apart():
@@ -68,19 +69,23 @@ def test_two_small_styles_far_apart_stay_apart():
         assert find_clusters(latents).sizes.tolist() == [4, 3]
 
 
-def test_a_second_style_beside_scattered_wrong_labels_gets_its_own_cluster():
-    """A latent map of the curation benchmark (coarse style, 64 cases, 120 epochs; bench/README.md): the
-    style's 10 cases stand apart to one side, wrong labels scatter around the main style.  BIC, which chose
-    the number of clusters before, kept one cluster for all 64 cases (style F1 0.27)."""
-    with open(Path(__file__).parent / "fixtures" / "latent_map_coarse_style.csv", newline="") as handle:
+@pytest.mark.parametrize("fixture, cases", [("latent_map_coarse_style.csv", 64), ("latent_map_vessel_style.csv", 96)])
+def test_a_second_style_beside_scattered_wrong_labels_gets_its_own_cluster(fixture, cases):
+    """Latent maps of the curation benchmark (120 epochs; bench/README.md), where the style's cases stand
+    apart to one side and wrong labels scatter around the main style.  The `coarse` map (64 cases): BIC,
+    which chose the number of clusters before, kept one cluster for all of them (style F1 0.27).  The
+    `vessel` map (96 cases, 14 in the style): with the map's variance as its spread, which the far-out
+    wrong labels inflate, the mixture kept the style in the main cluster (F1 0.29)."""
+    with open(Path(__file__).parent / "fixtures" / fixture, newline="") as handle:
         rows = list(csv.DictReader(handle))
     latents = np.array([[float(row["z0"]), float(row["z1"])] for row in rows])
     style = np.array([row["style"] != "main" for row in rows])
+    assert len(latents) == cases
 
     members = find_clusters(latents).members
     best = max(2 * np.sum(style & (members == cluster)) / (np.sum(members == cluster) + style.sum()) for cluster in set(members))
     assert best >= 0.9
-    assert members[0] != members[style][0] and np.sum(members == 0) > 32  # the main style is its own, the largest
+    assert 0 not in members[style] and np.sum(members == 0) > cases / 2  # the main style is its own, the largest
 
 
 def test_a_centroid_is_the_mean_of_its_cases():
