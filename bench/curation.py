@@ -8,7 +8,7 @@ style): the AUROC of every score; overall (all wrong labels against the clean ma
 how well the style subset comes out as one cluster (the best F1 between a found cluster and the subset).
 Style cases are not wrong labels, so they are in neither side of an error AUROC.
 
-    python bench/curation.py                       # the full benchmark: 32 and 64 cases, seeds 0 and 1
+    python bench/curation.py                       # the full benchmark: 64 and 96 cases, seeds 0 and 1, 120 epochs
     python bench/curation.py --cases 48 --seeds 0  # one dataset
     python bench/curation.py --tag l1-0.05 --set l1=0.05    # a variant of the training settings
     python bench/curation.py --perturbed 0 --style coarse --no-baselines --tag coarse-alone  # the style alone
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 KINDS = ("eroded", "dilated", "incomplete", "extra", "wrong_neighbour", "shift", "holes")
-STYLE = "neighbour"  # the default; --style coarse for blocky contours, --style vessel for the vessel included
+STYLE = "vessel"  # the vessel included; --style coarse for blocky contours, --style neighbour for a neighbour included
 PERTURBED = 0.3
 STYLE_FRACTION = 0.15
 SIZE = 24  # voxels per side, and the ROI: what a 2-core CPU trains in minutes
@@ -76,16 +76,17 @@ def main() -> None:
     path = out / args.tag / "results.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1) + "\n")
+    plot_maps(report, path.with_name("maps.png"))
     print(format_table(summary, report))
-    print(f"\nwrote {path}")
+    print(f"\nwrote {path} and {path.with_name('maps.png')}")
 
 
 def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", type=lambda text: [int(v) for v in text.split(",")], default=[32, 64])
+    parser.add_argument("--cases", type=lambda text: [int(v) for v in text.split(",")], default=[64, 96])
     parser.add_argument("--seeds", type=lambda text: [int(v) for v in text.split(",")], default=[0, 1])
     parser.add_argument("--size", type=int, default=SIZE, help="Voxels per side of each phantom, and the ROI.")
-    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--epochs", type=int, default=120)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", default="bench/out/curation")
     parser.add_argument("--tag", default="default")
@@ -295,6 +296,40 @@ def format_table(summary: dict, report: dict) -> str:
         values = ", ".join(f"{v:.2f}" for v in summary["style_f1_any_count"])
         lines.append(f"  with the cluster count that suits the style best: F1 median {summary['style_f1_any_count_median']:.2f} ({values})")
     return "\n".join(lines)
+
+
+def plot_maps(report: dict, path: Path) -> None:
+    """Every dataset's latent map twice: coloured by the truth (error kind; the style's cases as stars) and by the
+    clusters the analysis found, so that a reader sees where the style lies and whether it got a cluster."""
+    from matplotlib.figure import Figure
+
+    from hypersort_core.atomic import atomic_savefig
+    from hypersort_core.report import cluster_colour
+
+    runs = report["runs"]
+    figure = Figure(figsize=(3.4 * len(runs), 6.6))
+    axes = figure.subplots(2, len(runs), squeeze=False)
+    kind_colours = dict(zip(("clean", *KINDS), ("lightgray", *(f"C{i}" for i in range(len(KINDS))))))
+    for column, run in enumerate(runs):
+        latents, kind = np.array(run["latents"])[:, :2], np.array(run["kind"])
+        style, cluster = np.array(run["style"]) != "main", np.array(run["cluster"])
+        metrics = report["summary"]["per_run"][run["dataset"]]
+        truth, found = axes[0, column], axes[1, column]
+        for name, colour in kind_colours.items():
+            chosen = (kind == name) & ~style
+            truth.scatter(*latents[chosen].T, s=14, color=colour, label=name.replace("_", " "))
+        truth.scatter(*latents[style].T, s=60, marker="*", color="k", label="style")
+        for number in np.unique(cluster):
+            found.scatter(*latents[cluster == number].T, s=14, color=cluster_colour(number), label="main" if number == 0 else f"cluster {number}")
+        found.scatter(*latents[style].T, s=70, marker="*", facecolors="none", edgecolors="k", linewidths=0.6)
+        overall = metrics["misfit"]["overall"]
+        truth.set_title(f"{run['dataset']}\n" + ("no wrong labels" if overall is None else f"misfit AUROC {overall:.3f}"), fontsize=8)
+        found.set_title(f"found clusters; style F1 {metrics['style_f1']:.2f}", fontsize=8)
+        for axis in (truth, found):
+            axis.set_aspect("equal", adjustable="datalim")
+            axis.tick_params(labelsize=6)
+    axes[0, 0].legend(fontsize=6, loc="best")
+    atomic_savefig(path, figure)
 
 
 if __name__ == "__main__":

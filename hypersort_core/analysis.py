@@ -37,7 +37,9 @@ lowest BIC, which chose the number before: wrong labels scattered around the mai
 Gaussian cheap, and BIC paid for it with a second style that stood apart in plain sight (on the curation
 benchmark's maps, bench/README.md).  The map's spread is a robust one (the median absolute deviation),
 the spread of its bulk: far-out wrong labels inflate the variance, and a prior that broad drew a style
-beside the main one into it.  The cluster whose component
+beside the main one into it.  A prior that narrow also cuts lumps off the main style's edge, so a cluster
+that leaves no gap between itself and the main style, seen along the line between their centroids, goes
+back into it (lumps_merged_into_main).  The cluster whose component
 gives λ = 0 the highest posterior (k-means: the nearest centroid) is the main style, cluster 0; the
 others follow by size, largest first, and are named "style 1", "style 2", ...
 
@@ -75,13 +77,13 @@ RESOLUTION = 0.2
 # The prior's guess at a component's covariance: this fraction of the map's spread squared, the same along
 # every axis.  sklearn's default, the map's own covariance, is long along the line between two styles, and drew
 # two styles of 4 and 3 cases ten standard deviations apart into one cluster; with the spread along every
-# axis they stay apart, pure noise stays one cluster about as often as under BIC (of 30 draws: 7 cases 20,
-# 30 cases 26, 60 cases 25), and the style recovery on the curation benchmark's stored maps was the best of
+# axis they stay apart, pure noise stays one cluster at least as often as under BIC (of 30 draws, with the
+# lumps merged back: 7 cases 22, 30 cases 30, 60 cases 30), and the style recovery on the curation benchmark's stored maps was the best of
 # the priors and rules we tried (bench/README.md); half of it split noise more often.
 COV_PRIOR = 1.0
 # On a small map of two styles the MAD measures the larger one alone: 4 and 3 cases ten standard deviations
 # apart had the 4 split in 4 draws of 30 with the MAD alone, in none with this floor (0.6 or 0.7; on the
-# curation benchmark's stored maps 0.4 to 0.7 gave the same clusters, bench/README.md).
+# curation benchmark's stored maps 0.4 to 0.7 gave nearly the same style F1, bench/README.md).
 SPREAD_FLOOR = 0.6
 MIN_SHARE = 1e-6  # cases: a component holding less once a case has left it is gone
 GALLERY = 12
@@ -266,8 +268,10 @@ def find_clusters(latents: np.ndarray, clusters: int | None = None, method: str 
     mixture = fit_mixture(latents, clusters, most=max(1, min(MAX_CLUSTERS, len(latents) - 1, distinct)))
     origin = np.zeros((1, latents.shape[1]))
     members = mixture.predict(latents)
+    main = main_component(mixture.predict_proba(origin)[0], members)
+    if clusters is None:
+        members = lumps_merged_into_main(latents, members, main, mixture.reg_covar)
     if method == "gmm":
-        main = main_component(mixture.predict_proba(origin)[0], members)
         return numbered(method, members, member_means(latents, members, mixture.means_), main, "nll", held_out_nll(mixture, latents), chosen_by)
     kmeans = KMeans(len(np.unique(members)), n_init=10, random_state=RANDOM_STATE).fit(latents)
     members, centroids = kmeans.labels_, kmeans.cluster_centers_
@@ -291,6 +295,25 @@ def fit_mixture(latents: np.ndarray, clusters: int | None, most: int) -> Gaussia
         random_state=RANDOM_STATE,
     )
     return prior.fit(latents)
+
+
+def lumps_merged_into_main(latents: np.ndarray, members: np.ndarray, main: int, floor: float) -> np.ndarray:
+    """Clusters that are only a lump at the edge of the main style go back into it.  Seen along the line between
+    the two centroids, a style beside the main one leaves a gap and a lump does not: a cluster stays apart only
+    where two Gaussians describe that projection of its cases and the main style's better than one (BIC)."""
+    members = members.copy()
+    centre = latents[members == main].mean(axis=0)
+    for cluster in np.unique(members[members != main]):
+        pair = (members == main) | (members == cluster)
+        direction = latents[members == cluster].mean(axis=0) - centre
+        if not np.linalg.norm(direction).any():  # the same place as the main style: no gap to find
+            members[members == cluster] = main
+            continue
+        projection = (latents[pair] @ (direction / np.linalg.norm(direction)))[:, None]
+        one, two = (GaussianMixture(k, reg_covar=floor, n_init=3, random_state=RANDOM_STATE).fit(projection).bic(projection) for k in (1, 2))
+        if one <= two:
+            members[members == cluster] = main
+    return members
 
 
 def map_spread(latents: np.ndarray) -> float:

@@ -119,6 +119,7 @@ def test_a_tiny_benchmark_writes_its_table_and_json(tmp_path, curation):
     assert set(run["kind"]) - {"clean"} == set(report["datasets"]["kinds"])
     assert 0 <= report["summary"]["style_f1_median"] <= report["summary"]["style_f1_any_count_median"] <= 1
     assert "style subset as one cluster" in done.stdout and "training_loss" in done.stdout
+    assert (tmp_path / "tiny" / "maps.png").read_bytes().startswith(b"\x89PNG")
     # a second variant of HyperSORT-only settings reuses the dataset and the baselines' scores
     baselines = sorted((tmp_path / "baselines").iterdir())
     stamps = [path.stat().st_mtime_ns for path in baselines]
@@ -132,6 +133,7 @@ def test_a_tiny_benchmark_writes_its_table_and_json(tmp_path, curation):
     report = json.loads((tmp_path / "alone" / "results.json").read_text())
     assert report["datasets"]["perturbed"] == 0 and report["runs"][0]["dataset"] == f"cases24_size16_seed0_{curation.STYLE}_perturbed0"
     assert set(report["runs"][0]["kind"]) == {"clean"} and curation.STYLE in report["runs"][0]["style"]
+    assert (tmp_path / "alone" / "maps.png").is_file()  # a map with nothing to detect is drawn too
     # --style-fraction: a dataset of its own, with that share of the cases in the style
     larger = subprocess.run(
         [*command[:-1], "larger", "--perturbed", "0", "--style-fraction", "0.5", "--no-baselines"], capture_output=True, text=True, timeout=600
