@@ -75,11 +75,12 @@ RANDOM_STATE = 0  # the same latents give the same clusters on every call
 # (the rule before the prior) split 7 cases of pure noise into 3 to 5 clusters; with 0.2 it mostly kept one.
 RESOLUTION = 0.2
 # The prior's guess at a component's covariance: this fraction of the map's spread squared, the same along
-# every axis.  sklearn's default, the map's own covariance, is long along the line between two styles, and drew
-# two styles of 4 and 3 cases ten standard deviations apart into one cluster; with the spread along every
-# axis they stay apart, pure noise stays one cluster at least as often as under BIC (of 30 draws, with the
-# lumps merged back: 7 cases 22, 30 cases 30, 60 cases 30), and the style recovery on the curation benchmark's stored maps was the best of
-# the priors and rules we tried (bench/README.md); half of it split noise more often.
+# every axis.  sklearn's default, the map's own covariance, is long along the line between two styles, and
+# drew two styles of 4 and 3 cases ten standard deviations apart into one cluster; with the spread along
+# every axis they stay apart, pure noise stays one cluster at least as often as under BIC (of 30 draws, with
+# the lumps merged back: 7 cases 22, 30 cases 30, 60 cases 30), and the style recovery on the curation
+# benchmark's stored maps was the best of the priors and rules we tried (bench/README.md); half of it split
+# noise more often.
 COV_PRIOR = 1.0
 # On a small map of two styles the MAD measures the larger one alone: 4 and 3 cases ten standard deviations
 # apart had the 4 split in 4 draws of 30 with the MAD alone, in none with this floor (0.6 or 0.7; on the
@@ -306,7 +307,7 @@ def lumps_merged_into_main(latents: np.ndarray, members: np.ndarray, main: int, 
     for cluster in np.unique(members[members != main]):
         pair = (members == main) | (members == cluster)
         direction = latents[members == cluster].mean(axis=0) - centre
-        if not np.linalg.norm(direction).any():  # the same place as the main style: no gap to find
+        if not np.any(direction):  # the same place as the main style: no gap to find
             members[members == cluster] = main
             continue
         projection = (latents[pair] @ (direction / np.linalg.norm(direction)))[:, None]
