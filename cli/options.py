@@ -38,9 +38,7 @@ def reports_bad_input(command):
             with sigterm_raises():
                 return command(*args, **kwargs)
         except MainProcessStopped:  # rank 0 prints the error and returns its exit code; failing here first would hide it
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0)  # at once: the process group's teardown, racing rank 0's, could abort (C++ terminate, exit 134)
+            _leave(0)
         except _bad_input_errors() as error:
             _fail(str(error))
         except (click.exceptions.ClickException, click.exceptions.Abort, click.exceptions.Exit):
@@ -48,13 +46,13 @@ def reports_bad_input(command):
         except KeyboardInterrupt as interrupt:
             signum = interrupt.signum if isinstance(interrupt, Terminated) else signal.SIGINT
             click.echo(f"hsort: {'terminated' if isinstance(interrupt, Terminated) else 'interrupted'}", err=True)
-            sys.exit(exit_code_of_signal(signum))
+            _leave(exit_code_of_signal(signum))
         except Exception as error:
             found = os_error_of(error)
             if found is None:
                 traceback.print_exc()
                 click.echo(f"hsort: internal error ({type(error).__name__}); this is a bug, please report it with the traceback above", err=True)
-                sys.exit(INTERNAL_ERROR_EXIT)
+                _leave(INTERNAL_ERROR_EXIT)
             _fail(describe_os_error(found))
 
     return wrapper
@@ -62,7 +60,19 @@ def reports_bad_input(command):
 
 def _fail(message: str) -> None:
     click.echo(f"hsort: error: {message.replace(chr(10), ' ')}", err=True)
-    sys.exit(BAD_INPUT_EXIT)
+    _leave(BAD_INPUT_EXIT)
+
+
+def _leave(code: int) -> None:
+    """sys.exit, except in one of several training processes: there the interpreter's teardown can meet the
+    process group's threads still talking to a process that has gone, and abort (C++ terminate, exit 134,
+    after the one-line error was printed), so the process leaves at once, its output flushed.  What it wrote
+    is safe: checkpoints and outputs are written atomically, before this point."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def triple(kind: type):

@@ -18,6 +18,7 @@ from tiny_runs import tiny_config
 
 from hypersort_core.checkpoint import load_checkpoint
 from hypersort_core.cli.main import _without_option
+from hypersort_core.cli.options import reports_bad_input
 from hypersort_core.config import ConfigError
 from hypersort_core.distributed import joined
 from hypersort_core.main_style import main_style_fit, prepared_training_cases
@@ -159,6 +160,25 @@ def test_a_run_folder_deleted_under_several_processes_is_rank_0s_one_line_and_ex
     assert process.returncode == 2 and len(errors) == 1, stderr
     assert errors[0].startswith("hsort: error: ") and str(out) in errors[0]
     assert "vanished" in errors[0] or "deleted or moved" in errors[0]  # found before a write, or by the write it cut short
+
+
+@pytest.mark.parametrize("world_size, leaves_at_once", [("2", True), ("1", False)])
+def test_one_of_several_processes_leaves_at_once_after_its_one_line_error(monkeypatch, capsys, world_size, leaves_at_once):
+    """The test above once ended in exit 134 instead of 2: rank 0 printed its one-line error, and the interpreter's
+    teardown then met the process group's threads still talking to rank 1, which had gone (C++ terminate).  In
+    one of several processes the error boundary now leaves with os._exit, its output flushed; alone, as before."""
+    left = []
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    monkeypatch.setattr(os, "_exit", lambda code: left.append(code) or sys.exit(code))
+
+    @reports_bad_input
+    def command():
+        raise ConfigError("the run folder vanished")
+
+    with pytest.raises(SystemExit) as stopped:
+        command()
+    assert stopped.value.code == 2 and left == ([2] if leaves_at_once else [])
+    assert capsys.readouterr().err == "hsort: error: the run folder vanished\n"
 
 
 def test_bad_input_with_nproc_is_one_line_before_any_process_starts(tmp_path, synthetic_dataset):
