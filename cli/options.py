@@ -68,7 +68,9 @@ def _leave(code: int) -> None:
     process group's threads still talking to a process that has gone, and abort (C++ terminate, exit 134,
     after the one-line error was printed), so the process leaves at once, its output flushed.  What it wrote
     is safe: checkpoints and outputs are written atomically, before this point."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    from hypersort_core.distributed import world_from_environment
+
+    if world_from_environment().size > 1:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
